@@ -1,0 +1,296 @@
+"""`relay-server`: serve, set up, and administer a Stowhook relay.
+
+Settings come from (highest first) flags, STOWHOOK_* environment variables, a TOML file
+(--config / STOWHOOK_CONFIG), then defaults. The file's top-level keys are the global
+options (database_url, key_file, public_url, log_format, log_level); its [serve] table
+holds the serve options (http_listen, grpc_listen, max_body_bytes, ...). This module is
+the only one that reads the environment or files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pathlib
+import signal
+import tomllib
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import click
+
+from relay_server import __version__, crypto, errors, settings
+from relay_server import logging as relay_logging
+from relay_server.store import database, sql
+
+T = TypeVar("T")
+
+DEFAULT_DATABASE_URL = "sqlite:///var/stowhook.db"
+DEFAULT_KEY_FILE = "var/stowhook.key"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CliState:
+    database_url: str
+    key_file: pathlib.Path
+    public_url: str
+    serve_defaults: dict[str, Any]
+
+    def database(self, **extra: Any) -> database.DatabaseSettings:
+        return database.DatabaseSettings(url=self.database_url, **extra)
+
+    def keyring(self, *, required: bool) -> crypto.KeyRing | None:
+        if not required and not self.key_file.exists():
+            return None
+        return crypto.load_key_file(self.key_file)
+
+    def public_base(self) -> str:
+        listen = os.environ.get("STOWHOOK_HTTP_LISTEN") or self.serve_defaults.get(
+            "http_listen", settings.DEFAULT_HTTP_LISTEN
+        )
+        return settings.IngressSettings(listen=listen, public_url=self.public_url).base_url
+
+
+class RelayCliError(click.ClickException):
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+@contextlib.contextmanager
+def reported_errors() -> Iterator[None]:
+    """Domain errors become one `error: ...` line and a non-zero exit, not a traceback."""
+    try:
+        yield
+    except errors.RelayError as exc:
+        raise RelayCliError(exc.message) from exc
+
+
+def run_with_store(
+    state: CliState, action: Callable[[sql.SqlStore], Awaitable[T]], *, need_key: bool = False
+) -> T:
+    async def main() -> T:
+        store = sql.SqlStore(state.database(), state.keyring(required=need_key))
+        await store.migrate()
+        await store.open()
+        try:
+            return await action(store)
+        finally:
+            await store.close()
+
+    with reported_errors():
+        return asyncio.run(main())
+
+
+def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if not value:
+        return value
+    path = pathlib.Path(value)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise click.BadParameter(f"{path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise click.BadParameter(f"{path} is not valid TOML: {exc}") from exc
+    known = {p.name for p in ctx.command.params if p.name} | {"serve"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise click.BadParameter(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    ctx.default_map = {**(ctx.default_map or {}), **data}
+    return value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="relay-server")
+@click.option(
+    "--config",
+    envvar="STOWHOOK_CONFIG",
+    is_eager=True,
+    expose_value=False,
+    callback=_load_config,
+    help="TOML settings file.",
+)
+@click.option(
+    "--database-url",
+    envvar="STOWHOOK_DATABASE_URL",
+    default=DEFAULT_DATABASE_URL,
+    show_default=True,
+    help="sqlite:///path.db or postgresql+asyncpg://user@host/db",
+)
+@click.option(
+    "--key-file",
+    envvar="STOWHOOK_KEY_FILE",
+    default=DEFAULT_KEY_FILE,
+    show_default=True,
+    type=click.Path(path_type=pathlib.Path),
+    help="AES-256 key file (mode 0600).",
+)
+@click.option(
+    "--public-url",
+    envvar="STOWHOOK_PUBLIC_URL",
+    default="",
+    help="Base URL providers use to reach this server (default: from --http-listen).",
+)
+@click.option(
+    "--log-format",
+    envvar="STOWHOOK_LOG_FORMAT",
+    type=click.Choice(["auto", "console", "json"]),
+    default="auto",
+    show_default=True,
+)
+@click.option("--log-level", envvar="STOWHOOK_LOG_LEVEL", default="info", show_default=True)
+@click.pass_context
+def main(
+    ctx: click.Context,
+    database_url: str,
+    key_file: pathlib.Path,
+    public_url: str,
+    log_format: relay_logging.LogFormat,
+    log_level: str,
+) -> None:
+    """Stowhook relay server: store-and-forward webhooks for agents behind firewalls."""
+    relay_logging.configure(log_format, log_level)
+    ctx.obj = CliState(
+        database_url=database_url,
+        key_file=key_file,
+        public_url=public_url,
+        serve_defaults=dict((ctx.default_map or {}).get("serve", {})),
+    )
+
+
+@main.command()
+@click.option(
+    "--http-listen",
+    envvar="STOWHOOK_HTTP_LISTEN",
+    default=settings.DEFAULT_HTTP_LISTEN,
+    show_default=True,
+    help="Ingress HOST:PORT.",
+)
+@click.option(
+    "--grpc-listen",
+    envvar="STOWHOOK_GRPC_LISTEN",
+    default=settings.DEFAULT_GRPC_LISTEN,
+    show_default=True,
+    help="Agent stream HOST:PORT.",
+)
+@click.option(
+    "--max-body-bytes",
+    envvar="STOWHOOK_MAX_BODY_BYTES",
+    type=int,
+    default=settings.DEFAULT_MAX_BODY_BYTES,
+    show_default=True,
+    help="Largest webhook body accepted (413 above).",
+)
+@click.option(
+    "--lease-ms",
+    envvar="STOWHOOK_LEASE_MS",
+    type=int,
+    default=settings.DEFAULT_LEASE_MS,
+    show_default=True,
+    help="How long an agent holds a delivery without extending it.",
+)
+@click.option(
+    "--grpc-tls-cert",
+    envvar="STOWHOOK_GRPC_TLS_CERT",
+    type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+)
+@click.option(
+    "--grpc-tls-key",
+    envvar="STOWHOOK_GRPC_TLS_KEY",
+    type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+)
+@click.option(
+    "--grpc-tls-client-ca",
+    envvar="STOWHOOK_GRPC_TLS_CLIENT_CA",
+    type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+    help="Require agent certificates signed by this CA (mTLS).",
+)
+@click.option(
+    "--sqlite-synchronous",
+    envvar="STOWHOOK_SQLITE_SYNCHRONOUS",
+    default="FULL",
+    show_default=True,
+    type=click.Choice(database.SQLITE_SYNCHRONOUS, case_sensitive=False),
+    help="FULL survives power loss; NORMAL survives process crashes only.",
+)
+@click.option("--retry-initial", default="5s", show_default=True, help="First retry delay bound.")
+@click.option("--retry-cap", default="1h", show_default=True, help="Longest retry delay bound.")
+@click.option(
+    "--poll-interval",
+    default="1s",
+    show_default=True,
+    help="How often idle streams look for retries that came due.",
+)
+@click.option(
+    "--migrate/--no-migrate",
+    default=True,
+    show_default=True,
+    help="Apply database migrations on start.",
+)
+@click.pass_obj
+def serve(state: CliState, **options: Any) -> None:
+    """Run the relay: webhook ingress (HTTP) and agent streams (gRPC)."""
+    from relay_server import console, retry, server
+
+    with reported_errors():
+        config = settings.ServerSettings(
+            database=state.database(sqlite_synchronous=options["sqlite_synchronous"].upper()),
+            key_file=state.key_file,
+            ingress=settings.IngressSettings(
+                listen=options["http_listen"],
+                public_url=state.public_url,
+                max_body_bytes=options["max_body_bytes"],
+            ),
+            grpc=settings.GrpcSettings(
+                listen=options["grpc_listen"],
+                tls_cert=options["grpc_tls_cert"],
+                tls_key=options["grpc_tls_key"],
+                tls_client_ca=options["grpc_tls_client_ca"],
+            ),
+            dispatch=settings.DispatchSettings(
+                lease_ms=options["lease_ms"],
+                poll_interval_s=console.parse_duration_ms(options["poll_interval"]) / 1000,
+                retry=retry.RetryPolicy(
+                    initial_ms=console.parse_duration_ms(options["retry_initial"]),
+                    cap_ms=console.parse_duration_ms(options["retry_cap"]),
+                ),
+            ),
+            migrate_on_start=options["migrate"],
+        )
+        keyring = crypto.load_key_file(state.key_file)
+        relay = server.RelayServer(config, keyring)
+        _run_until_signalled(relay)
+
+
+def _run_until_signalled(relay: Any) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, relay.stop)
+        await relay.run()
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
+
+
+@main.command()
+@click.pass_obj
+def migrate(state: CliState) -> None:
+    """Apply database migrations (also done by serve on start)."""
+
+    async def action(store: sql.SqlStore) -> None:
+        return None
+
+    run_with_store(state, action)
+    click.echo("database schema is up to date")
+
+
+from relay_server import cli_admin, cli_setup  # noqa: E402  (commands register on `main`)
+
+cli_setup.register(main)
+cli_admin.register(main)

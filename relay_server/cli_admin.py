@@ -1,0 +1,608 @@
+"""Administration commands: account, token, bucket, input, event, dlq.
+
+Each prints a table by default and JSON with --json. Every change is audited.
+"""
+
+from __future__ import annotations
+
+import functools
+import getpass
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from relay_server import auth, cli, console, errors, models
+from relay_server.cli_setup import bucket_defaults
+from relay_server.store import events as event_queries
+from relay_server.store import sql
+
+
+def register(group: click.Group) -> None:
+    for command in (account, token, bucket, input_, event, dlq):
+        group.add_command(command)
+
+
+def admin(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--account and --json for a command that works in one account."""
+
+    @click.option(
+        "--account",
+        "account_name",
+        default="default",
+        show_default=True,
+        envvar="STOWHOOK_ACCOUNT",
+        help="Account to work in.",
+    )
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+async def audited(
+    store: sql.SqlStore, action: str, resource: str, detail: str | None = None
+) -> None:
+    await store.audit(actor=actor(), action=action, resource=resource, detail=detail)
+
+
+# ---- account ---------------------------------------------------------------------------
+
+
+@click.group()
+def account() -> None:
+    """Tenants; every other resource belongs to one."""
+
+
+@account.command("create")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def account_create(state: cli.CliState, name: str, as_json: bool) -> None:
+    async def action(store: sql.SqlStore) -> models.Account:
+        created = await store.create_account(name)
+        await audited(store, "account.create", f"account:{name}")
+        return created
+
+    created = cli.run_with_store(state, action)
+    console.emit_json(created) if as_json else click.echo(f"created account {created.name}")
+
+
+@account.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def account_list(state: cli.CliState, as_json: bool) -> None:
+    found = cli.run_with_store(state, lambda store: store.list_accounts())
+    if as_json:
+        console.emit_json(found)
+        return
+    console.table(
+        [(a.name, a.id, console.format_time(a.created_at)) for a in found],
+        ["NAME", "ID", "CREATED"],
+    )
+
+
+# ---- token -----------------------------------------------------------------------------
+
+
+@click.group()
+def token() -> None:
+    """Agent tokens (key id + secret; the secret is shown once and stored hashed)."""
+
+
+@token.command("create")
+@click.option("--bucket", "buckets", multiple=True, required=True, help="Bucket in scope (repeat).")
+@click.option("--name", default="agent", show_default=True, help="A label for people.")
+@admin
+@click.pass_obj
+def token_create(
+    state: cli.CliState, buckets: tuple[str, ...], name: str, account_name: str, as_json: bool
+) -> None:
+    key_id, secret = auth.new_token()
+
+    async def action(store: sql.SqlStore) -> models.Token:
+        acct = await store.get_account(account_name)
+        scope = [await store.get_bucket(acct.id, b) for b in dict.fromkeys(buckets)]
+        created = await store.create_token(
+            key_id=key_id,
+            account_id=acct.id,
+            name=name,
+            secret_hash=auth.hash_secret(secret),
+            bucket_ids=[b.id for b in scope],
+        )
+        await audited(store, "token.create", f"token:{key_id}", f"buckets={','.join(buckets)}")
+        return created
+
+    cli.run_with_store(state, action)
+    full = f"{key_id}.{secret}"
+    if as_json:
+        console.emit_json({"key_id": key_id, "token": full, "buckets": list(buckets), "name": name})
+        return
+    click.echo(f"created token {key_id} for bucket(s) {', '.join(buckets)}")
+    click.echo(f"token: {full}")
+    click.echo(
+        "This is the only time the secret is shown. Give it to the agent as "
+        "--token-file or STOWHOOK_TOKEN.",
+        err=True,
+    )
+
+
+@token.command("list")
+@admin
+@click.pass_obj
+def token_list(state: cli.CliState, account_name: str, as_json: bool) -> None:
+    async def action(store: sql.SqlStore) -> list[tuple[models.Token, list[str]]]:
+        return await store.list_tokens((await store.get_account(account_name)).id)
+
+    found = cli.run_with_store(state, action)
+    if as_json:
+        console.emit_json([{**console.to_jsonable(t), "bucket_names": names} for t, names in found])
+        return
+    console.table(
+        [
+            (
+                t.key_id,
+                t.name,
+                ",".join(names),
+                "revoked" if t.revoked_at else "active",
+                console.format_time(t.created_at),
+                console.format_time(t.last_used_at),
+            )
+            for t, names in found
+        ],
+        ["KEY ID", "NAME", "BUCKETS", "STATUS", "CREATED", "LAST USED"],
+    )
+
+
+@token.command("revoke")
+@click.argument("key_id")
+@admin
+@click.pass_obj
+def token_revoke(state: cli.CliState, key_id: str, account_name: str, as_json: bool) -> None:
+    async def action(store: sql.SqlStore) -> None:
+        await store.revoke_token((await store.get_account(account_name)).id, key_id)
+        await audited(store, "token.revoke", f"token:{key_id}")
+
+    cli.run_with_store(state, action)
+    console.emit_json({"revoked": key_id}) if as_json else click.echo(f"revoked token {key_id}")
+
+
+# ---- bucket ----------------------------------------------------------------------------
+
+
+@click.group()
+def bucket() -> None:
+    """Groups of inputs with one retry and retention policy."""
+
+
+@bucket.command("create")
+@click.argument("name")
+@click.option("--max-attempts", type=click.IntRange(1, 10_000), default=60, show_default=True)
+@click.option(
+    "--max-age",
+    default="48h",
+    show_default=True,
+    help="Dead-letter a delivery this long after its first attempt.",
+)
+@click.option("--retention", default="7d", show_default=True, help="Keep events this long.")
+@admin
+@click.pass_obj
+def bucket_create(
+    state: cli.CliState,
+    name: str,
+    max_attempts: int,
+    max_age: str,
+    retention: str,
+    account_name: str,
+    as_json: bool,
+) -> None:
+    policy = {
+        **bucket_defaults(),
+        "max_attempts": max_attempts,
+        "max_age_ms": console.parse_duration_ms(max_age),
+        "retention_ms": console.parse_duration_ms(retention),
+    }
+
+    async def action(store: sql.SqlStore) -> models.Bucket:
+        acct = await store.get_account(account_name)
+        created = await store.create_bucket(acct.id, name, **policy)
+        await audited(store, "bucket.create", f"bucket:{name}")
+        return created
+
+    created = cli.run_with_store(state, action)
+    console.emit_json(created) if as_json else click.echo(f"created bucket {created.name}")
+
+
+def _bucket_row(b: models.Bucket) -> tuple[str, ...]:
+    return (
+        b.name,
+        str(b.max_attempts),
+        console.format_duration_ms(b.max_age_ms),
+        console.format_duration_ms(b.retention_ms),
+        console.format_time(b.created_at),
+    )
+
+
+@bucket.command("list")
+@admin
+@click.pass_obj
+def bucket_list(state: cli.CliState, account_name: str, as_json: bool) -> None:
+    async def action(store: sql.SqlStore) -> list[models.Bucket]:
+        return await store.list_buckets((await store.get_account(account_name)).id)
+
+    found = cli.run_with_store(state, action)
+    if as_json:
+        console.emit_json(found)
+        return
+    console.table(
+        [_bucket_row(b) for b in found], ["NAME", "MAX ATTEMPTS", "MAX AGE", "RETENTION", "CREATED"]
+    )
+
+
+@bucket.command("show")
+@click.argument("name")
+@admin
+@click.pass_obj
+def bucket_show(state: cli.CliState, name: str, account_name: str, as_json: bool) -> None:
+    async def action(store: sql.SqlStore) -> tuple[models.Bucket, dict[str, int], list[Any]]:
+        acct = await store.get_account(account_name)
+        found = await store.get_bucket(acct.id, name)
+        return (
+            found,
+            await store.bucket_counts(found.id),
+            await store.list_inputs(acct.id, found.id),
+        )
+
+    found, counts, inputs = cli.run_with_store(state, action)
+    urls = [f"{state.public_base()}/in/{i.id}" for i, _ in inputs]
+    if as_json:
+        console.emit_json({**console.to_jsonable(found), "counts": counts, "input_urls": urls})
+        return
+    console.table([_bucket_row(found)], ["NAME", "MAX ATTEMPTS", "MAX AGE", "RETENTION", "CREATED"])
+    click.echo(
+        "\ndeliveries: "
+        + ", ".join(f"{s} {counts.get(s, 0)}" for s in models.DeliveryState)
+        + f"; events {counts['events']}"
+    )
+    for url in urls:
+        click.echo(f"input: {url}")
+
+
+@bucket.command("delete")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Delete even with undelivered events.")
+@admin
+@click.pass_obj
+def bucket_delete(
+    state: cli.CliState, name: str, force: bool, account_name: str, as_json: bool
+) -> None:
+    async def action(store: sql.SqlStore) -> None:
+        found = await store.get_bucket((await store.get_account(account_name)).id, name)
+        await store.delete_bucket(found, force=force)
+        await audited(store, "bucket.delete", f"bucket:{name}", "force" if force else None)
+
+    cli.run_with_store(state, action)
+    console.emit_json({"deleted": name}) if as_json else click.echo(f"deleted bucket {name}")
+
+
+# ---- input -----------------------------------------------------------------------------
+
+
+@click.group("input")
+def input_() -> None:
+    """Public webhook endpoints: {public_url}/in/{input_id}."""
+
+
+@input_.command("create")
+@click.option("--bucket", "bucket_name", required=True)
+@click.option("--name", default="input", show_default=True)
+@click.option(
+    "--max-body-bytes",
+    type=click.IntRange(1),
+    default=None,
+    help="Lower this input's body limit below the server's.",
+)
+@admin
+@click.pass_obj
+def input_create(
+    state: cli.CliState,
+    bucket_name: str,
+    name: str,
+    max_body_bytes: int | None,
+    account_name: str,
+    as_json: bool,
+) -> None:
+    async def action(store: sql.SqlStore) -> models.Input:
+        found = await store.get_bucket((await store.get_account(account_name)).id, bucket_name)
+        created = await store.create_input(found, name, max_body_bytes)
+        await audited(store, "input.create", f"input:{created.id}", f"bucket={bucket_name}")
+        return created
+
+    created = cli.run_with_store(state, action)
+    url = f"{state.public_base()}/in/{created.id}"
+    if as_json:
+        console.emit_json({**console.to_jsonable(created), "url": url})
+        return
+    click.echo(f"created input {created.name} in bucket {bucket_name}")
+    click.echo(f"url: {url}")
+
+
+@input_.command("list")
+@click.option("--bucket", "bucket_name", default=None)
+@admin
+@click.pass_obj
+def input_list(
+    state: cli.CliState, bucket_name: str | None, account_name: str, as_json: bool
+) -> None:
+    async def action(store: sql.SqlStore) -> list[tuple[models.Input, str]]:
+        acct = await store.get_account(account_name)
+        bucket_id = (await store.get_bucket(acct.id, bucket_name)).id if bucket_name else None
+        return await store.list_inputs(acct.id, bucket_id)
+
+    found = cli.run_with_store(state, action)
+    base = state.public_base()
+    if as_json:
+        console.emit_json(
+            [{**console.to_jsonable(i), "bucket": b, "url": f"{base}/in/{i.id}"} for i, b in found]
+        )
+        return
+    console.table(
+        [(i.id, i.name, b, f"{base}/in/{i.id}") for i, b in found], ["ID", "NAME", "BUCKET", "URL"]
+    )
+
+
+@input_.command("delete")
+@click.argument("input_id")
+@admin
+@click.pass_obj
+def input_delete(state: cli.CliState, input_id: str, account_name: str, as_json: bool) -> None:
+    async def action(store: sql.SqlStore) -> None:
+        await store.delete_input((await store.get_account(account_name)).id, input_id)
+        await audited(store, "input.delete", f"input:{input_id}")
+
+    cli.run_with_store(state, action)
+    console.emit_json({"deleted": input_id}) if as_json else click.echo(f"deleted input {input_id}")
+
+
+# ---- event -----------------------------------------------------------------------------
+
+
+@click.group()
+def event() -> None:
+    """Stored webhooks: list, show (decrypted), replay."""
+
+
+def _state_summary(e: models.EventSummary) -> str:
+    return ",".join(f"{d.output}:{d.state}({d.attempts})" for d in e.deliveries) or "-"
+
+
+def _event_rows(found: list[models.EventSummary]) -> list[tuple[str, ...]]:
+    return [
+        (
+            e.id,
+            console.format_time(e.received_at),
+            e.bucket,
+            e.method,
+            e.path or "/",
+            str(e.size),
+            _state_summary(e),
+        )
+        for e in found
+    ]
+
+
+EVENT_HEADERS = ["ID", "RECEIVED", "BUCKET", "METHOD", "PATH", "BYTES", "DELIVERIES"]
+
+
+@event.command("list")
+@click.option("--bucket", "bucket_name", default=None)
+@click.option("--input", "input_id", default=None)
+@click.option(
+    "--state",
+    "delivery_state",
+    type=click.Choice([s.value for s in models.DeliveryState]),
+    default=None,
+    help="Only events with a delivery in this state.",
+)
+@click.option("--since", default=None, help="Only events younger than this (e.g. 1h, 2d).")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@admin
+@click.pass_obj
+def event_list(
+    state: cli.CliState,
+    bucket_name: str | None,
+    input_id: str | None,
+    delivery_state: str | None,
+    since: str | None,
+    limit: int,
+    account_name: str,
+    as_json: bool,
+) -> None:
+    since_ms = models.now_ms() - console.parse_duration_ms(since) if since else None
+
+    async def action(store: sql.SqlStore) -> list[models.EventSummary]:
+        acct = await store.get_account(account_name)
+        bucket_id = (await store.get_bucket(acct.id, bucket_name)).id if bucket_name else None
+        return await store.list_events(
+            event_queries.EventFilter(
+                account_id=acct.id,
+                bucket_id=bucket_id,
+                input_id=input_id,
+                state=models.DeliveryState(delivery_state) if delivery_state else None,
+                since_ms=since_ms,
+                limit=limit,
+            )
+        )
+
+    found = cli.run_with_store(state, action)
+    console.emit_json(found) if as_json else console.table(_event_rows(found), EVENT_HEADERS)
+
+
+@event.command("show")
+@click.argument("event_id")
+@click.option("--body-only", is_flag=True, help="Write just the raw body to stdout.")
+@admin
+@click.pass_obj
+def event_show(
+    state: cli.CliState, event_id: str, body_only: bool, account_name: str, as_json: bool
+) -> None:
+    async def action(store: sql.SqlStore) -> models.EventDetail:
+        return await store.get_event((await store.get_account(account_name)).id, event_id)
+
+    detail = cli.run_with_store(state, action, need_key=True)
+    if body_only:
+        sys.stdout.buffer.write(detail.body)
+        return
+    if as_json:
+        payload = console.to_jsonable(detail)
+        payload["body"] = detail.body.decode("utf-8", "replace")
+        console.emit_json(payload)
+        return
+    _print_detail(detail)
+
+
+def _print_detail(detail: models.EventDetail) -> None:
+    s = detail.summary
+    click.echo(f"event     {s.id}\nreceived  {console.format_time(s.received_at)} from {s.source}")
+    click.echo(f"bucket    {s.bucket}   input {s.input_id}")
+    click.echo(f"request   {s.method} {s.path or '/'}{'?' + detail.query if detail.query else ''}")
+    click.echo("headers")
+    for name, value in detail.headers:
+        click.echo(f"  {name}: {value}")
+    text = detail.body.decode("utf-8", "replace")
+    click.echo(f"body ({s.size} bytes)\n  {text[:4000]}{' …' if len(text) > 4000 else ''}")
+    click.echo("deliveries")
+    for d in s.deliveries:
+        click.echo(
+            f"  {d.id} {d.output}: {d.state}, attempts {d.attempts}"
+            + (f", last error: {d.last_error}" if d.last_error else "")
+            + (" (replay)" if d.replay else "")
+        )
+    click.echo("attempts")
+    for a in detail.attempts:
+        click.echo(
+            f"  #{a.attempt} {console.format_time(a.ended_at)} {a.outcome} by {a.agent}"
+            + (f": {a.error}" if a.error else "")
+        )
+
+
+@event.command("replay")
+@click.argument("event_id")
+@click.option("--output", default=None, help="Only this output (default: all).")
+@admin
+@click.pass_obj
+def event_replay(
+    state: cli.CliState, event_id: str, output: str | None, account_name: str, as_json: bool
+) -> None:
+    async def action(store: sql.SqlStore) -> list[str]:
+        created = await store.replay_event(
+            (await store.get_account(account_name)).id, event_id, output
+        )
+        await audited(store, "event.replay", f"event:{event_id}")
+        return created
+
+    created = cli.run_with_store(state, action)
+    if as_json:
+        console.emit_json({"event_id": event_id, "deliveries": created})
+    else:
+        click.echo(f"replaying event {event_id}: {len(created)} new delivery(ies)")
+
+
+# ---- dlq -------------------------------------------------------------------------------
+
+
+@click.group()
+def dlq() -> None:
+    """The dead-letter queue: deliveries that ran out of attempts or were rejected."""
+
+
+@dlq.command("list")
+@click.option("--bucket", "bucket_name", default=None)
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@admin
+@click.pass_obj
+def dlq_list(
+    state: cli.CliState, bucket_name: str | None, limit: int, account_name: str, as_json: bool
+) -> None:
+    async def action(store: sql.SqlStore) -> list[models.EventSummary]:
+        acct = await store.get_account(account_name)
+        bucket_id = (await store.get_bucket(acct.id, bucket_name)).id if bucket_name else None
+        return await store.list_events(
+            event_queries.EventFilter(
+                account_id=acct.id,
+                bucket_id=bucket_id,
+                state=models.DeliveryState.DEAD,
+                limit=limit,
+            )
+        )
+
+    found = cli.run_with_store(state, action)
+    if as_json:
+        console.emit_json(found)
+        return
+    rows = [
+        (
+            e.id,
+            console.format_time(e.received_at),
+            e.bucket,
+            d.output,
+            str(d.attempts),
+            (d.last_error or "")[:60],
+        )
+        for e in found
+        for d in e.deliveries
+        if d.state is models.DeliveryState.DEAD
+    ]
+    console.table(rows, ["EVENT", "RECEIVED", "BUCKET", "OUTPUT", "ATTEMPTS", "LAST ERROR"])
+
+
+@dlq.command("replay")
+@click.argument("event_id", required=False)
+@click.option("--bucket", "bucket_name", default=None, help="With --all: only this bucket.")
+@click.option("--all", "replay_all", is_flag=True, help="Replay every dead delivery.")
+@admin
+@click.pass_obj
+def dlq_replay(
+    state: cli.CliState,
+    event_id: str | None,
+    bucket_name: str | None,
+    replay_all: bool,
+    account_name: str,
+    as_json: bool,
+) -> None:
+    if bool(event_id) == replay_all:
+        raise click.UsageError("give one EVENT_ID, or --all (optionally with --bucket)")
+
+    async def action(store: sql.SqlStore) -> list[str]:
+        acct = await store.get_account(account_name)
+        if event_id:
+            dead = await store.dead_event_ids(acct.id, None, limit=1_000_000)
+            if event_id not in dead:
+                raise errors.NotFound(f"event {event_id} has no dead delivery")
+            created = await store.replay_event(acct.id, event_id)
+        else:
+            bucket_id = (await store.get_bucket(acct.id, bucket_name)).id if bucket_name else None
+            created = await store.replay_dead(acct.id, bucket_id)
+        await audited(
+            store,
+            "dlq.replay",
+            f"event:{event_id}" if event_id else f"bucket:{bucket_name or '*'}",
+            f"deliveries={len(created)}",
+        )
+        return created
+
+    created = cli.run_with_store(state, action)
+    if as_json:
+        console.emit_json({"deliveries": created})
+    else:
+        click.echo(f"replayed {len(created)} dead delivery(ies); they are queued again")

@@ -1,0 +1,3 @@
+"""Agent streams: the AgentRelay servicer, one session per stream, and the wake-up hub."""
+
+from __future__ import annotations

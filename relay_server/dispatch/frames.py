@@ -1,0 +1,97 @@
+"""Conversions between protobuf frames and domain objects (the only place that does it)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from google.protobuf import timestamp_pb2
+
+from relay_proto import relay_pb2
+from relay_server import models
+
+
+def timestamp(value: models.dt.datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def delivery(lease: models.Lease) -> relay_pb2.Delivery:
+    return relay_pb2.Delivery(
+        lease_id=lease.lease_id,
+        event_id=lease.event_id,
+        bucket=lease.bucket,
+        input_id=lease.input_id,
+        method=lease.method,
+        path=lease.path,
+        query=lease.query,
+        headers=[relay_pb2.Header(name=name, value=value) for name, value in lease.headers],
+        body=lease.body,
+        received_at=timestamp(lease.received_at),
+        attempt=lease.attempt,
+        lease_deadline=timestamp(lease.deadline),
+        output=lease.output,
+        replay=lease.replay,
+    )
+
+
+def batches(leases: Sequence[models.Lease], max_bytes: int) -> Iterator[relay_pb2.ServerMessage]:
+    """Pack leases into frames of at most `max_bytes` of bodies (a larger body goes alone)."""
+    frame: list[relay_pb2.Delivery] = []
+    size = 0
+    for lease in leases:
+        if frame and size + len(lease.body) > max_bytes:
+            yield relay_pb2.ServerMessage(deliveries=relay_pb2.DeliveryBatch(deliveries=frame))
+            frame, size = [], 0
+        frame.append(delivery(lease))
+        size += len(lease.body)
+    if frame:
+        yield relay_pb2.ServerMessage(deliveries=relay_pb2.DeliveryBatch(deliveries=frame))
+
+
+def settlements(message: relay_pb2.AgentMessage) -> list[models.Settlement]:
+    """The settlements an agent frame carries (empty for Extend and Subscribe)."""
+    kind = message.WhichOneof("kind")
+    if kind == "ack":
+        return [
+            models.Settlement(lease_id=lease_id, outcome=models.Outcome.ACK)
+            for lease_id in message.ack.lease_ids
+        ]
+    if kind == "nack":
+        return [
+            models.Settlement(
+                lease_id=message.nack.lease_id,
+                outcome=models.Outcome.NACK,
+                retry_after_ms=message.nack.retry_after_ms or None,
+                reason=message.nack.reason,
+            )
+        ]
+    if kind == "reject":
+        return [
+            models.Settlement(
+                lease_id=message.reject.lease_id,
+                outcome=models.Outcome.REJECT,
+                reason=message.reject.reason,
+            )
+        ]
+    if kind == "reply":
+        reply = message.reply
+        ok = 200 <= reply.status < 300
+        return [
+            models.Settlement(
+                lease_id=reply.lease_id,
+                outcome=models.Outcome.ACK if ok else models.Outcome.NACK,
+                reason="" if ok else f"HTTP {reply.status}",
+            )
+        ]
+    return []
+
+
+def lease_lost(lease_ids: Sequence[str], message: str) -> relay_pb2.ServerMessage:
+    return relay_pb2.ServerMessage(
+        notice=relay_pb2.LeaseNotice(
+            lease_ids=list(lease_ids),
+            code=relay_pb2.LeaseNotice.LEASE_LOST,
+            message=message,
+        )
+    )

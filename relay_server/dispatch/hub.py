@@ -1,0 +1,32 @@
+"""Wakes the sessions that consume an output when it has new work (in this process).
+
+Sessions also poll on a bounded interval, so work the hub never hears of (retries coming
+due, replays from the CLI, another replica's ingest) is found anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+
+class Hub:
+    def __init__(self) -> None:
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+
+    def register(self, output_ids: Iterable[str], wake: asyncio.Event) -> None:
+        for output_id in output_ids:
+            self._waiters.setdefault(output_id, set()).add(wake)
+
+    def unregister(self, output_ids: Iterable[str], wake: asyncio.Event) -> None:
+        for output_id in output_ids:
+            waiting = self._waiters.get(output_id)
+            if waiting is not None:
+                waiting.discard(wake)
+                if not waiting:
+                    del self._waiters[output_id]
+
+    def notify(self, output_ids: Iterable[str]) -> None:
+        for output_id in output_ids:
+            for wake in self._waiters.get(output_id, ()):
+                wake.set()

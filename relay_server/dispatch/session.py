@@ -1,0 +1,169 @@
+"""One agent stream: push leases while the agent has credit, apply what it sends back.
+
+The push loop is the only writer to the stream. The reader applies settlements and
+extensions and hands "lease lost" notices to the push loop. When the stream ends, every
+lease still held is returned to the queue in one write (each counts as an attempt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+
+import grpc
+import structlog
+
+from relay_proto import relay_pb2
+from relay_server import errors, models
+from relay_server.dispatch import frames, hub
+from relay_server.settings import DispatchSettings
+from relay_server.store import sql
+
+log = structlog.get_logger(__name__)
+
+
+class FrameError(errors.RelayError):
+    """The agent sent a frame that makes no sense here."""
+
+
+class AgentSession:
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        agent: str,
+        store: sql.SqlStore,
+        hub: hub.Hub,
+        outputs: Mapping[str, str],
+        credit: int,
+        settings: DispatchSettings,
+    ) -> None:
+        self.session_id = session_id
+        self.agent = agent  # "<key_id>/<agent name>": recorded with every attempt
+        self.outputs = dict(outputs)  # bucket name -> output id
+        self.credit = credit
+        self.held: set[str] = set()
+        self._store = store
+        self._hub = hub
+        self._settings = settings
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._notices: list[relay_pb2.ServerMessage] = []
+        self._release_as = models.Outcome.DISCONNECTED
+
+    def stop(self) -> None:
+        """The server is shutting down: end the stream and hand the leases straight back."""
+        self._release_as = models.Outcome.RELEASED
+        self._stopping.set()
+        self._wake.set()
+
+    async def run(
+        self,
+        requests: AsyncIterator[relay_pb2.AgentMessage],
+        context: grpc.aio.ServicerContext[relay_pb2.AgentMessage, relay_pb2.ServerMessage],
+    ) -> None:
+        output_ids = list(self.outputs.values())
+        self._hub.register(output_ids, self._wake)
+        reader = asyncio.create_task(self._read(requests), name=f"session-read-{self.session_id}")
+        try:
+            await self._push(context, reader)
+        finally:
+            self._hub.unregister(output_ids, self._wake)
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            await asyncio.shield(self._release_held())
+        if not reader.cancelled() and isinstance(reader.exception(), FrameError):
+            raise reader.exception()  # type: ignore[misc]
+
+    async def _push(self, context: grpc.aio.ServicerContext, reader: asyncio.Task[None]) -> None:  # type: ignore[type-arg]
+        while not self._stopping.is_set() and not reader.done():
+            self._wake.clear()
+            while self._notices:
+                await context.write(self._notices.pop(0))
+            free = self.credit - len(self.held)
+            leases = await self._lease(free) if free > 0 else []
+            if leases:
+                self.held.update(lease.lease_id for lease in leases)
+                for frame in frames.batches(leases, self._settings.max_batch_bytes):
+                    await context.write(frame)
+                for lease in leases:
+                    log.debug("lease_granted", **lease.log_context())
+                continue
+            await self._sleep(reader)
+
+    async def _lease(self, limit: int) -> list[models.Lease]:
+        try:
+            return await self._store.lease(
+                list(self.outputs.values()),
+                limit=limit,
+                lease_ms=self._settings.lease_ms,
+                holder=self.agent,
+            )
+        except errors.StorageError as exc:
+            log.warning("lease_failed", error=str(exc))
+            return []
+
+    async def _sleep(self, reader: asyncio.Task[None]) -> None:
+        waiter = asyncio.create_task(self._wake.wait(), name=f"session-wake-{self.session_id}")
+        try:
+            await asyncio.wait(
+                {waiter, reader},
+                timeout=self._settings.poll_interval_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            waiter.cancel()
+
+    async def _read(self, requests: AsyncIterator[relay_pb2.AgentMessage]) -> None:
+        async for message in requests:
+            kind = message.WhichOneof("kind")
+            if kind is None or kind == "subscribe":
+                raise FrameError(f"unexpected {kind or 'empty'} frame after Subscribe")
+            try:
+                lost = await self._apply(kind, message)
+            except errors.StorageError as exc:
+                # The lease stays held in storage; the reaper returns it when it runs out.
+                log.warning("settle_failed", frame=kind, error=str(exc))
+                continue
+            if lost:
+                log.info("lease_lost", lease_ids=lost[:10], count=len(lost))
+                self._notices.append(
+                    frames.lease_lost(lost, "lease no longer held (expired or settled)")
+                )
+                self._wake.set()
+
+    async def _apply(self, kind: str, message: relay_pb2.AgentMessage) -> list[str]:
+        if kind == "extend":
+            extend_ms = min(max(message.extend.extend_ms, 1000), self._settings.max_extend_ms)
+            return await self._store.extend(list(message.extend.lease_ids), extend_ms)
+        settlements = frames.settlements(message)
+        lost = await self._store.settle(settlements, agent=self.agent)
+        for item in settlements:
+            self.held.discard(item.lease_id)
+            log.debug("lease_settled", lease_id=item.lease_id, outcome=str(item.outcome))
+        self._wake.set()  # credit came back
+        return lost
+
+    async def _release_held(self) -> None:
+        if not self.held:
+            return
+        outcome = self._release_as
+        settlements = [
+            models.Settlement(
+                lease_id=lease_id,
+                outcome=outcome,
+                retry_after_ms=0 if outcome is models.Outcome.RELEASED else None,
+                reason="server shutting down"
+                if outcome is models.Outcome.RELEASED
+                else "agent stream ended while holding the lease",
+            )
+            for lease_id in sorted(self.held)
+        ]
+        try:
+            await self._store.settle(settlements, agent=self.agent)
+            log.info("leases_released", count=len(settlements), outcome=str(outcome))
+        except errors.StorageError as exc:
+            log.warning("release_failed", count=len(settlements), error=str(exc))
+        self.held.clear()

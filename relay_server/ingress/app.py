@@ -1,0 +1,151 @@
+"""The public aiohttp app. A webhook is answered 200 only after it is committed.
+
+Unknown inputs get the same empty 200 as known ones (nothing is stored), so a stranger
+cannot enumerate inputs; responses name no server software.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from relay_server import errors, ids, models
+from relay_server.dispatch import hub as hub_mod
+from relay_server.ingress import routes
+from relay_server.settings import IngressSettings
+from relay_server.store import sql
+
+log = structlog.get_logger(__name__)
+
+STORE = web.AppKey("store", sql.SqlStore)
+HUB = web.AppKey("hub", hub_mod.Hub)
+ROUTES = web.AppKey("routes", routes.RouteCache)
+SETTINGS = web.AppKey("settings", IngressSettings)
+READY = web.AppKey("ready", list)  # [bool]: flipped to False when shutting down
+
+RETRY_AFTER_S = "5"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_app(store: sql.SqlStore, hub: hub_mod.Hub, settings: IngressSettings) -> web.Application:
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_plain_errors])
+    app[STORE] = store
+    app[HUB] = hub
+    app[ROUTES] = routes.RouteCache(store, settings.route_cache_s)
+    app[SETTINGS] = settings
+    app[READY] = [True]
+    app.router.add_route("*", "/in/{input_id}", receive)
+    app.router.add_route("*", "/in/{input_id}/{tail:.*}", receive)
+    app.router.add_get("/healthz", healthz)
+    app.on_response_prepare.append(_hide_server)
+    return app
+
+
+def _empty(status: int, **headers: str) -> web.Response:
+    return web.Response(status=status, headers=headers)
+
+
+async def receive(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    if not app[READY][0]:
+        return web.Response(status=503, text="shutting down\n", headers={"Retry-After": "1"})
+    route = await _route_or_unavailable(request)
+    if isinstance(route, web.StreamResponse):
+        return route
+    if route is None:
+        await _discard(request)
+        return _empty(200)
+    body = await _read_body(request, route)
+    if isinstance(body, web.StreamResponse):
+        return body
+    event = _incoming(request, route, body)
+    structlog.contextvars.bind_contextvars(event_id=event.id)
+    try:
+        await app[STORE].ingest(event)
+    except errors.StorageError as exc:
+        log.warning("event_not_stored", error=str(exc), **event.log_context())
+        return web.Response(
+            status=503, text="try again later\n", headers={"Retry-After": RETRY_AFTER_S}
+        )
+    app[HUB].notify(route.output_ids)
+    log.info("event_received", method=event.method, **event.log_context())
+    return _empty(200)
+
+
+async def _route_or_unavailable(request: web.Request) -> models.Route | web.StreamResponse | None:
+    try:
+        return await request.app[ROUTES].get(request.match_info["input_id"])
+    except errors.StorageError as exc:
+        log.warning("route_lookup_failed", error=str(exc))
+        return web.Response(
+            status=503, text="try again later\n", headers={"Retry-After": RETRY_AFTER_S}
+        )
+
+
+async def _discard(request: web.Request) -> None:
+    """Drain (and forget) an unknown input's body so the connection can be reused."""
+    if request.can_read_body:
+        try:
+            await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            pass
+
+
+async def _read_body(request: web.Request, route: models.Route) -> bytes | web.StreamResponse:
+    limit = min(
+        route.input.max_body_bytes or request.app[SETTINGS].max_body_bytes,
+        request.app[SETTINGS].max_body_bytes,
+    )
+    too_large = web.Response(status=413, text=f"body larger than {limit} bytes\n")
+    if request.content_length is not None and request.content_length > limit:
+        return too_large
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return too_large
+    return too_large if len(body) > limit else body
+
+
+def _incoming(request: web.Request, route: models.Route, body: bytes) -> models.IncomingEvent:
+    raw_path = request.rel_url.raw_path
+    prefix = f"/in/{route.input.id}"
+    return models.IncomingEvent(
+        id=ids.new_id(),
+        route=route,
+        method=request.method,
+        path=raw_path[len(prefix) :] if raw_path.startswith(prefix) else "",
+        query=request.rel_url.raw_query_string,
+        headers=tuple((str(name), value) for name, value in request.headers.items()),
+        body=body,
+        received_at=dt.datetime.now(dt.UTC),
+        source=request.remote or "",
+    )
+
+
+async def healthz(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"status": "ok"})
+
+
+@web.middleware
+async def _plain_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own error pages name aiohttp; answer with a bare status instead."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status == 413:
+            return web.Response(status=413, text="body too large\n")
+        return web.Response(status=exc.status, text=f"{exc.status}\n", headers=_safe(exc))
+
+
+def _safe(exc: web.HTTPException) -> dict[str, str]:
+    return {
+        k: v for k, v in exc.headers.items() if k.lower() in ("allow", "location", "retry-after")
+    }
+
+
+async def _hide_server(request: web.Request, response: web.StreamResponse) -> None:
+    # aiohttp fills in "Server: Python/x aiohttp/y" unless the header is already set.
+    response.headers["Server"] = ""

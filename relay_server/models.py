@@ -1,0 +1,220 @@
+"""Domain objects: frozen, typed, converted to rows and frames only at the edges."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from dataclasses import dataclass
+
+from relay_server import ids, retry
+
+Headers = tuple[tuple[str, str], ...]
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"  # waiting for an agent (possibly until available_at)
+    LEASED = "leased"  # handed to an agent; lease_expires_at bounds the attempt
+    DELIVERED = "delivered"  # acknowledged: done
+    DEAD = "dead"  # out of attempts or age, or rejected: in the dead-letter queue
+
+
+class Outcome(enum.StrEnum):
+    ACK = "ack"  # the destination took it
+    NACK = "nack"  # the destination failed; retry later
+    REJECT = "reject"  # poison: straight to DEAD
+    LEASE_EXPIRED = "lease_expired"  # the agent neither settled nor extended in time
+    DISCONNECTED = "disconnected"  # the agent's stream ended while it held the lease
+    RELEASED = "released"  # the server shut down and handed the lease back
+
+
+class OutputKind(enum.StrEnum):
+    AGENT = "agent"  # consumed by agents over the stream
+
+
+def from_ms(value: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(value / 1000, tz=dt.UTC)
+
+
+def to_ms(value: dt.datetime) -> int:
+    if value.tzinfo is None:
+        raise ValueError("timestamps must be timezone-aware")
+    return int(value.timestamp() * 1000)
+
+
+def now_ms() -> int:
+    return to_ms(dt.datetime.now(dt.UTC))
+
+
+def format_lease_id(delivery_id: str, attempt: int) -> str:
+    return f"{delivery_id}.{attempt}"
+
+
+def parse_lease_id(lease_id: str) -> tuple[str, int]:
+    """Split "<delivery_id>.<attempt>"; ValueError if it is not one."""
+    delivery_id, sep, attempt = lease_id.rpartition(".")
+    if not sep or not ids.is_uuid(delivery_id) or not attempt.isdigit():
+        raise ValueError(f"malformed lease id {lease_id[:80]!r}")
+    return delivery_id, int(attempt)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Account:
+    id: str
+    name: str
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Bucket:
+    id: str
+    account_id: str
+    name: str
+    max_attempts: int
+    max_age_ms: int
+    retention_ms: int
+    created_at: dt.datetime
+
+    def retry_policy(self, base: retry.RetryPolicy) -> retry.RetryPolicy:
+        return retry.RetryPolicy(
+            initial_ms=base.initial_ms,
+            factor=base.factor,
+            cap_ms=base.cap_ms,
+            max_attempts=self.max_attempts,
+            max_age_ms=self.max_age_ms,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Input:
+    id: str
+    bucket_id: str
+    name: str
+    max_body_bytes: int | None
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Output:
+    id: str
+    bucket_id: str
+    name: str
+    kind: OutputKind
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Route:
+    """What ingress needs to know about an input: its bucket and where events go."""
+
+    input: Input
+    bucket: Bucket
+    output_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Token:
+    key_id: str
+    account_id: str
+    name: str
+    bucket_ids: tuple[str, ...]
+    created_at: dt.datetime
+    revoked_at: dt.datetime | None
+    last_used_at: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IncomingEvent:
+    """A webhook as received, before it is sealed and stored."""
+
+    id: str
+    route: Route
+    method: str
+    path: str
+    query: str
+    headers: Headers
+    body: bytes
+    received_at: dt.datetime
+    source: str
+
+    def log_context(self) -> dict[str, object]:
+        return {"event_id": self.id, "input_id": self.route.input.id, "size": len(self.body)}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeliveryInfo:
+    id: str
+    event_id: str
+    output: str
+    state: DeliveryState
+    attempts: int
+    available_at: dt.datetime
+    lease_expires_at: dt.datetime | None
+    last_error: str | None
+    replay: bool
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventSummary:
+    id: str
+    bucket: str
+    input_id: str
+    method: str
+    path: str
+    size: int
+    received_at: dt.datetime
+    source: str
+    deliveries: tuple[DeliveryInfo, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AttemptInfo:
+    delivery_id: str
+    attempt: int
+    outcome: Outcome
+    agent: str
+    started_at: dt.datetime | None
+    ended_at: dt.datetime
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventDetail:
+    summary: EventSummary
+    query: str
+    headers: Headers
+    body: bytes
+    attempts: tuple[AttemptInfo, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Lease:
+    """One delivery handed to an agent, with the event it carries (decrypted)."""
+
+    lease_id: str
+    delivery_id: str
+    attempt: int
+    deadline: dt.datetime
+    event_id: str
+    bucket: str
+    output: str
+    input_id: str
+    method: str
+    path: str
+    query: str
+    headers: Headers
+    body: bytes
+    received_at: dt.datetime
+    replay: bool
+
+    def log_context(self) -> dict[str, object]:
+        return {"event_id": self.event_id, "lease_id": self.lease_id, "attempt": self.attempt}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settlement:
+    """An agent's verdict on one lease."""
+
+    lease_id: str
+    outcome: Outcome
+    retry_after_ms: int | None = None
+    reason: str = ""

@@ -1,0 +1,45 @@
+"""Returns expired leases to the queue on a timer, and once at start-up.
+
+An expired lease counts as a failed attempt, so a poison event that kills its agent
+ends in the dead-letter queue instead of looping forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+
+from relay_server import errors
+from relay_server.dispatch import hub as hub_mod
+from relay_server.store import sql
+
+log = structlog.get_logger(__name__)
+
+
+class LeaseReaper:
+    def __init__(self, store: sql.SqlStore, hub: hub_mod.Hub, interval_s: float) -> None:
+        self._store = store
+        self._hub = hub
+        self._interval_s = interval_s
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        while not self._stop.is_set():
+            await self.reap_once()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self._interval_s)
+
+    async def reap_once(self) -> int:
+        try:
+            expired = await self._store.reap()
+        except errors.StorageError as exc:
+            log.warning("reap_failed", error=str(exc))
+            return 0
+        for lease_id in expired:
+            log.info("lease_expired", lease_id=lease_id)
+        return len(expired)

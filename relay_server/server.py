@@ -1,0 +1,166 @@
+"""`RelayServer`: ingress, agent streams and the reaper on one event loop.
+
+Shutdown order, always the same: report NOT_SERVING -> stop taking webhooks (in-flight
+requests get `shutdown_grace_s` to commit) -> end agent streams (held leases go back to
+the queue) -> stop the gRPC server -> stop the reaper -> close storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import grpc
+import structlog
+from aiohttp import web
+from grpc_health.v1 import _async as health_async
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from relay_proto import relay_pb2, relay_pb2_grpc
+from relay_server import auth, crypto, reaper, settings
+from relay_server.dispatch import hub as hub_mod
+from relay_server.dispatch import servicer as servicer_mod
+from relay_server.ingress import app as ingress_app
+from relay_server.store import sql
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAME = relay_pb2.DESCRIPTOR.services_by_name["AgentRelay"].full_name
+
+
+class RelayServer:
+    def __init__(self, config: settings.ServerSettings, keyring: crypto.KeyRing) -> None:
+        self.config = config
+        self.store = sql.SqlStore(config.database, keyring, retry_base=config.dispatch.retry)
+        self.hub = hub_mod.Hub()
+        self.http_port: int | None = None
+        self.grpc_port: int | None = None
+        self._stop = asyncio.Event()
+        self._started = False
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, on_ready: Callable[[RelayServer], None] | None = None) -> None:
+        if self._started:
+            raise RuntimeError("RelayServer already started")
+        self._started = True
+        if self.config.migrate_on_start:
+            await self.store.migrate()
+        await self.store.open()
+        try:
+            await self._serve(on_ready)
+        finally:
+            await self.store.close()
+            log.info("server_stopped")
+
+    async def _serve(self, on_ready: Callable[[RelayServer], None] | None) -> None:
+        lease_reaper = reaper.LeaseReaper(
+            self.store, self.hub, self.config.dispatch.reap_interval_s
+        )
+        servicer = servicer_mod.AgentRelayServicer(
+            store=self.store,
+            hub=self.hub,
+            verifier=auth.TokenVerifier(self.store),
+            grpc_settings=self.config.grpc,
+            dispatch=self.config.dispatch,
+        )
+        health = health_async.HealthServicer()
+        grpc_server = self._grpc_server(servicer, health)
+        app = ingress_app.create_app(self.store, self.hub, self.config.ingress)
+        runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=self.config.ingress.shutdown_grace_s
+        )
+        await runner.setup()
+        host, port = settings.parse_listen(self.config.ingress.listen, "HTTP listen address")
+        await web.TCPSite(runner, host, port).start()
+        self.http_port = int(runner.addresses[0][1])
+        await grpc_server.start()
+        await health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        side = asyncio.create_task(lease_reaper.run(), name="lease-reaper")
+        log.info("server_started", http_port=self.http_port, grpc_port=self.grpc_port)
+        if on_ready is not None:
+            on_ready(self)
+        try:
+            await self._wait(side)
+        finally:
+            await self._shutdown(app, runner, servicer, health, grpc_server, lease_reaper, side)
+
+    async def _wait(self, side: asyncio.Task[None]) -> None:
+        stopper = asyncio.create_task(self._stop.wait(), name="stop-signal")
+        try:
+            await asyncio.wait({stopper, side}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if side.done() and not side.cancelled() and side.exception() is not None:
+            log.error("side_task_failed", task=side.get_name(), exc_info=side.exception())
+
+    async def _shutdown(
+        self,
+        app: web.Application,
+        runner: web.AppRunner,
+        servicer: servicer_mod.AgentRelayServicer,
+        health: health_async.HealthServicer,
+        grpc_server: grpc.aio.Server,
+        lease_reaper: reaper.LeaseReaper,
+        side: asyncio.Task[None],
+    ) -> None:
+        log.info("server_stopping")
+        await health.enter_graceful_shutdown()
+        app[ingress_app.READY][0] = False
+        await runner.cleanup()
+        servicer.stop_sessions()
+        await servicer.wait_closed(timeout_s=5.0)
+        await grpc_server.stop(grace=2.0)
+        lease_reaper.stop()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(side, 5.0)
+
+    def _grpc_server(
+        self, servicer: servicer_mod.AgentRelayServicer, health: health_async.HealthServicer
+    ) -> grpc.aio.Server:
+        g = self.config.grpc
+        max_send = 2 * self.config.ingress.max_body_bytes + self.config.dispatch.max_batch_bytes
+        server = grpc.aio.server(
+            options=[
+                ("grpc.keepalive_time_ms", g.keepalive_time_ms),
+                ("grpc.keepalive_timeout_ms", g.keepalive_timeout_ms),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", g.min_agent_ping_ms),
+                ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.max_receive_message_length", g.max_frame_bytes),
+                ("grpc.max_send_message_length", max_send),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        relay_pb2_grpc.add_AgentRelayServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        reflection.enable_server_reflection(
+            [
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
+        self.grpc_port = self._bind_grpc(server)
+        return server
+
+    def _bind_grpc(self, server: grpc.aio.Server) -> int:
+        g = self.config.grpc
+        if g.tls_cert is None or g.tls_key is None:
+            port = server.add_insecure_port(g.listen)
+        else:
+            client_ca = g.tls_client_ca.read_bytes() if g.tls_client_ca else None
+            credentials = grpc.ssl_server_credentials(
+                [(g.tls_key.read_bytes(), g.tls_cert.read_bytes())],
+                root_certificates=client_ca,
+                require_client_auth=client_ca is not None,
+            )
+            port = server.add_secure_port(g.listen, credentials)
+        if port == 0:
+            raise OSError(f"cannot listen for gRPC on {g.listen}")
+        return port

@@ -1,0 +1,94 @@
+"""Frozen settings per concern, validated with actionable messages. Read only by the CLI."""
+
+from __future__ import annotations
+
+import pathlib
+from dataclasses import dataclass, field
+
+from relay_server import errors, retry
+from relay_server.store import database
+
+MIB = 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = 10 * MIB
+DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"
+DEFAULT_GRPC_LISTEN = "127.0.0.1:50051"
+DEFAULT_LEASE_MS = 30_000
+
+
+def parse_listen(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise errors.ConfigError(f"{what} must be HOST:PORT, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IngressSettings:
+    listen: str = DEFAULT_HTTP_LISTEN
+    public_url: str = ""  # how providers reach /in/...; derived from `listen` when empty
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    route_cache_s: float = 2.0  # how long an input lookup is reused
+    shutdown_grace_s: float = 10.0  # in-flight requests get this long to commit on stop
+
+    def __post_init__(self) -> None:
+        parse_listen(self.listen, "HTTP listen address")
+        if not 1 <= self.max_body_bytes <= 1024 * MIB:
+            raise errors.ConfigError("max body size must be between 1 byte and 1 GiB")
+
+    @property
+    def base_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host, port = parse_listen(self.listen, "HTTP listen address")
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GrpcSettings:
+    listen: str = DEFAULT_GRPC_LISTEN
+    tls_cert: pathlib.Path | None = None
+    tls_key: pathlib.Path | None = None
+    tls_client_ca: pathlib.Path | None = None  # require client certificates signed by it
+    # Keepalive: ping an idle agent every keepalive_time_ms and drop it when no answer
+    # arrives within keepalive_timeout_ms. Agents may ping as often as every
+    # min_agent_ping_ms.
+    keepalive_time_ms: int = 20_000
+    keepalive_timeout_ms: int = 10_000
+    min_agent_ping_ms: int = 10_000
+    max_connections: int = 1000
+    max_in_flight: int = 1000  # credit cap per stream, whatever the agent asks
+    default_in_flight: int = 16
+    max_frame_bytes: int = 16 * MIB  # largest agent frame accepted
+
+    def __post_init__(self) -> None:
+        parse_listen(self.listen, "gRPC listen address")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise errors.ConfigError("TLS needs both --grpc-tls-cert and --grpc-tls-key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise errors.ConfigError("--grpc-tls-client-ca needs --grpc-tls-cert/--grpc-tls-key")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DispatchSettings:
+    lease_ms: int = DEFAULT_LEASE_MS
+    max_extend_ms: int = 10 * 60_000  # the longest single Extend honoured
+    poll_interval_s: float = 1.0  # sessions look for due retries at least this often
+    reap_interval_s: float = 1.0
+    max_batch_bytes: int = MIB  # deliveries packed into one frame up to this many body bytes
+    retry: retry.RetryPolicy = field(default_factory=retry.RetryPolicy)
+
+    def __post_init__(self) -> None:
+        if self.lease_ms < 1000:
+            raise errors.ConfigError("lease length must be at least 1000 ms")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerSettings:
+    database: database.DatabaseSettings
+    key_file: pathlib.Path
+    ingress: IngressSettings = field(default_factory=IngressSettings)
+    grpc: GrpcSettings = field(default_factory=GrpcSettings)
+    dispatch: DispatchSettings = field(default_factory=DispatchSettings)
+    migrate_on_start: bool = True

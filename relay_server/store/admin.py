@@ -1,0 +1,316 @@
+"""Accounts, buckets, inputs, outputs, agent tokens and the audit log in SQL."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from relay_server import errors, ids, models
+from relay_server.store import tables
+
+A, B, INP, OUT = tables.accounts, tables.buckets, tables.inputs, tables.outputs
+T, TB = tables.agent_tokens, tables.token_buckets
+DEFAULT_OUTPUT = "default"
+
+
+def account_from_row(row: Any) -> models.Account:
+    return models.Account(id=row.id, name=row.name, created_at=models.from_ms(row.created_at))
+
+
+def bucket_from_row(row: Any) -> models.Bucket:
+    return models.Bucket(
+        id=row.id,
+        account_id=row.account_id,
+        name=row.name,
+        max_attempts=row.max_attempts,
+        max_age_ms=row.max_age_ms,
+        retention_ms=row.retention_ms,
+        created_at=models.from_ms(row.created_at),
+    )
+
+
+def input_from_row(row: Any) -> models.Input:
+    return models.Input(
+        id=row.id,
+        bucket_id=row.bucket_id,
+        name=row.name,
+        max_body_bytes=row.max_body_bytes,
+        created_at=models.from_ms(row.created_at),
+    )
+
+
+async def create_account(conn: AsyncConnection, name: str) -> models.Account:
+    if (await conn.execute(sa.select(A.c.id).where(A.c.name == name))).first():
+        raise errors.Conflict(f"account {name!r} already exists")
+    row = {"id": ids.new_id(), "name": name, "created_at": models.now_ms()}
+    await conn.execute(A.insert().values(**row))
+    return models.Account(id=row["id"], name=name, created_at=models.from_ms(row["created_at"]))
+
+
+async def get_account(conn: AsyncConnection, name: str) -> models.Account:
+    row = (await conn.execute(sa.select(A).where(A.c.name == name))).first()
+    if row is None:
+        raise errors.NotFound(f"no account named {name!r}")
+    return account_from_row(row)
+
+
+async def list_accounts(conn: AsyncConnection) -> list[models.Account]:
+    return [account_from_row(r) for r in await conn.execute(sa.select(A).order_by(A.c.name))]
+
+
+async def create_bucket(
+    conn: AsyncConnection,
+    account_id: str,
+    name: str,
+    *,
+    max_attempts: int,
+    max_age_ms: int,
+    retention_ms: int,
+) -> models.Bucket:
+    exists = sa.select(B.c.id).where(B.c.account_id == account_id, B.c.name == name)
+    if (await conn.execute(exists)).first():
+        raise errors.Conflict(f"bucket {name!r} already exists")
+    now = models.now_ms()
+    row = {
+        "id": ids.new_id(),
+        "account_id": account_id,
+        "name": name,
+        "max_attempts": max_attempts,
+        "max_age_ms": max_age_ms,
+        "retention_ms": retention_ms,
+        "created_at": now,
+    }
+    await conn.execute(B.insert().values(**row))
+    await conn.execute(
+        OUT.insert().values(
+            id=ids.new_id(),
+            bucket_id=row["id"],
+            name=DEFAULT_OUTPUT,
+            kind=models.OutputKind.AGENT,
+            created_at=now,
+        )
+    )
+    return bucket_from_row(types.SimpleNamespace(**row))
+
+
+async def get_bucket(conn: AsyncConnection, account_id: str, name: str) -> models.Bucket:
+    row = (
+        await conn.execute(sa.select(B).where(B.c.account_id == account_id, B.c.name == name))
+    ).first()
+    if row is None:
+        raise errors.NotFound(f"no bucket named {name!r}")
+    return bucket_from_row(row)
+
+
+async def list_buckets(conn: AsyncConnection, account_id: str) -> list[models.Bucket]:
+    query = sa.select(B).where(B.c.account_id == account_id).order_by(B.c.name)
+    return [bucket_from_row(row) for row in await conn.execute(query)]
+
+
+async def bucket_counts(conn: AsyncConnection, bucket_id: str) -> dict[str, int]:
+    """Deliveries of the bucket by state, plus its inputs and events."""
+    by_state = await conn.execute(
+        sa.select(tables.deliveries.c.state, sa.func.count())
+        .join(OUT, OUT.c.id == tables.deliveries.c.output_id)
+        .where(OUT.c.bucket_id == bucket_id)
+        .group_by(tables.deliveries.c.state)
+    )
+    counts = {str(state): int(n) for state, n in by_state}
+    for table, key in ((INP, "inputs"), (tables.events, "events")):
+        total = await conn.scalar(
+            sa.select(sa.func.count()).select_from(table).where(table.c.bucket_id == bucket_id)
+        )
+        counts[key] = int(total or 0)
+    return counts
+
+
+async def delete_bucket(conn: AsyncConnection, bucket: models.Bucket, *, force: bool) -> None:
+    counts = await bucket_counts(conn, bucket.id)
+    waiting = counts.get("pending", 0) + counts.get("leased", 0)
+    if waiting and not force:
+        raise errors.Conflict(
+            f"bucket {bucket.name!r} still has {waiting} undelivered events; "
+            "use --force to delete them too"
+        )
+    await conn.execute(B.delete().where(B.c.id == bucket.id))
+
+
+async def create_input(
+    conn: AsyncConnection, bucket: models.Bucket, name: str, max_body_bytes: int | None
+) -> models.Input:
+    row = {
+        "id": ids.new_id(),
+        "bucket_id": bucket.id,
+        "name": name,
+        "max_body_bytes": max_body_bytes,
+        "created_at": models.now_ms(),
+    }
+    await conn.execute(INP.insert().values(**row))
+    return input_from_row(types.SimpleNamespace(**row))
+
+
+async def list_inputs(
+    conn: AsyncConnection, account_id: str, bucket_id: str | None
+) -> list[tuple[models.Input, str]]:
+    query = (
+        sa.select(INP, B.c.name.label("bucket_name"))
+        .join(B, B.c.id == INP.c.bucket_id)
+        .where(B.c.account_id == account_id)
+        .order_by(B.c.name, INP.c.created_at)
+    )
+    if bucket_id is not None:
+        query = query.where(INP.c.bucket_id == bucket_id)
+    return [(input_from_row(row), row.bucket_name) for row in await conn.execute(query)]
+
+
+async def delete_input(conn: AsyncConnection, account_id: str, input_id: str) -> None:
+    owned = sa.select(B.c.id).where(B.c.account_id == account_id)
+    result = await conn.execute(
+        INP.delete().where(INP.c.id == input_id, INP.c.bucket_id.in_(owned))
+    )
+    if result.rowcount != 1:
+        raise errors.NotFound(f"no input with id {input_id!r}")
+
+
+async def route(conn: AsyncConnection, input_id: str) -> models.Route | None:
+    row = (await conn.execute(sa.select(INP).where(INP.c.id == input_id))).first()
+    if row is None:
+        return None
+    bucket = bucket_from_row(
+        (await conn.execute(sa.select(B).where(B.c.id == row.bucket_id))).one()
+    )
+    output_ids = (
+        await conn.execute(
+            sa.select(OUT.c.id).where(OUT.c.bucket_id == bucket.id).order_by(OUT.c.id)
+        )
+    ).scalars()
+    return models.Route(input=input_from_row(row), bucket=bucket, output_ids=tuple(output_ids))
+
+
+async def outputs_for(
+    conn: AsyncConnection, account_id: str, bucket_names: Sequence[str], output: str
+) -> dict[str, str]:
+    """Output id per bucket name; NotFound naming the first bucket that has none."""
+    rows = await conn.execute(
+        sa.select(B.c.name, OUT.c.id)
+        .join(OUT, OUT.c.bucket_id == B.c.id)
+        .where(B.c.account_id == account_id, B.c.name.in_(bucket_names), OUT.c.name == output)
+    )
+    found = dict(rows.all())
+    for name in bucket_names:
+        if name not in found:
+            raise errors.NotFound(f"bucket {name!r} has no output {output!r}")
+    return found
+
+
+def token_from_row(row: Any, bucket_ids: Sequence[str]) -> models.Token:
+    return models.Token(
+        key_id=row.key_id,
+        account_id=row.account_id,
+        name=row.name,
+        bucket_ids=tuple(bucket_ids),
+        created_at=models.from_ms(row.created_at),
+        revoked_at=None if row.revoked_at is None else models.from_ms(row.revoked_at),
+        last_used_at=None if row.last_used_at is None else models.from_ms(row.last_used_at),
+    )
+
+
+async def create_token(
+    conn: AsyncConnection,
+    *,
+    key_id: str,
+    account_id: str,
+    name: str,
+    secret_hash: str,
+    bucket_ids: Sequence[str],
+) -> models.Token:
+    now = models.now_ms()
+    await conn.execute(
+        T.insert().values(
+            key_id=key_id,
+            account_id=account_id,
+            name=name,
+            secret_hash=secret_hash,
+            created_at=now,
+        )
+    )
+    if bucket_ids:
+        await conn.execute(TB.insert(), [{"key_id": key_id, "bucket_id": b} for b in bucket_ids])
+    row = (await conn.execute(sa.select(T).where(T.c.key_id == key_id))).one()
+    return token_from_row(row, bucket_ids)
+
+
+async def get_token(conn: AsyncConnection, key_id: str) -> tuple[models.Token, str] | None:
+    row = (await conn.execute(sa.select(T).where(T.c.key_id == key_id))).first()
+    if row is None:
+        return None
+    scope = (await conn.execute(sa.select(TB.c.bucket_id).where(TB.c.key_id == key_id))).scalars()
+    return token_from_row(row, list(scope)), row.secret_hash
+
+
+async def list_tokens(
+    conn: AsyncConnection, account_id: str
+) -> list[tuple[models.Token, list[str]]]:
+    rows = (
+        await conn.execute(
+            sa.select(T).where(T.c.account_id == account_id).order_by(T.c.created_at)
+        )
+    ).all()
+    scopes = await conn.execute(
+        sa.select(TB.c.key_id, TB.c.bucket_id, B.c.name).join(B, B.c.id == TB.c.bucket_id)
+    )
+    names: dict[str, list[tuple[str, str]]] = {}
+    for key_id, bucket_id, bucket_name in scopes:
+        names.setdefault(key_id, []).append((bucket_id, bucket_name))
+    result = []
+    for row in rows:
+        pairs = sorted(names.get(row.key_id, []), key=lambda pair: pair[1])
+        token = token_from_row(row, [bucket_id for bucket_id, _ in pairs])
+        result.append((token, [name for _, name in pairs]))
+    return result
+
+
+async def revoke_token(conn: AsyncConnection, account_id: str, key_id: str) -> None:
+    result = await conn.execute(
+        T.update()
+        .where(T.c.key_id == key_id, T.c.account_id == account_id, T.c.revoked_at.is_(None))
+        .values(revoked_at=models.now_ms())
+    )
+    if result.rowcount != 1:
+        raise errors.NotFound(f"no active token with key id {key_id!r}")
+
+
+async def touch_token(conn: AsyncConnection, key_id: str) -> None:
+    await conn.execute(T.update().where(T.c.key_id == key_id).values(last_used_at=models.now_ms()))
+
+
+async def audit(
+    conn: AsyncConnection,
+    *,
+    actor: str,
+    action: str,
+    resource: str,
+    result: str = "ok",
+    source: str = "cli",
+    detail: str | None = None,
+) -> None:
+    await conn.execute(
+        tables.audit_log.insert().values(
+            at=models.now_ms(),
+            actor=actor[:200],
+            action=action[:100],
+            resource=resource[:200],
+            result=result[:20],
+            source=source[:100],
+            detail=None if detail is None else detail[:2000],
+        )
+    )
+
+
+async def bucket_names(conn: AsyncConnection, bucket_ids: Sequence[str]) -> dict[str, str]:
+    rows = await conn.execute(sa.select(B.c.id, B.c.name).where(B.c.id.in_(bucket_ids)))
+    return dict(rows.all())

@@ -1,0 +1,256 @@
+"""The database handle: engine, dialect set-up, group-committed writes, error mapping.
+
+SQLite has one writer: every write in this process goes through one task that runs
+whatever is queued as one transaction (group commit), so N concurrent ingests cost one
+fsync, not N. If a group fails, its operations are retried one by one so one bad
+operation cannot fail its neighbours. PostgreSQL runs each write in its own pooled
+transaction; its row locks do the serialising.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pathlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+import structlog
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event as sa_event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from relay_server import errors
+
+T = TypeVar("T")
+WriteOp = Callable[[AsyncConnection], Awaitable[T]]
+
+log = structlog.get_logger(__name__)
+
+MIGRATIONS = pathlib.Path(__file__).resolve().parent.parent / "migrations"
+SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DatabaseSettings:
+    url: str
+    sqlite_synchronous: str = "FULL"  # FULL: a 2xx survives power loss, not just a crash
+    sqlite_busy_timeout_ms: int = 5000
+    max_group: int = 512  # operations committed together at most
+    pool_size: int = 10  # PostgreSQL connections per process
+
+    def __post_init__(self) -> None:
+        if not (self.url.startswith("sqlite") or self.url.startswith("postgresql")):
+            raise errors.ConfigError(
+                f"unsupported database URL {redact_url(self.url)!r}: use "
+                "sqlite+aiosqlite:///path/to/file.db or postgresql+asyncpg://user@host/db"
+            )
+        if self.sqlite_synchronous.upper() not in SQLITE_SYNCHRONOUS:
+            raise errors.ConfigError(f"sqlite_synchronous must be one of {SQLITE_SYNCHRONOUS}")
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.startswith("sqlite")
+
+    @property
+    def async_url(self) -> str:
+        if self.url.startswith("sqlite:"):
+            return "sqlite+aiosqlite:" + self.url.removeprefix("sqlite:")
+        if self.url.startswith("postgresql:") or self.url.startswith("postgresql+psycopg"):
+            return "postgresql+asyncpg:" + self.url.split(":", 1)[1]
+        return self.url
+
+
+def redact_url(url: str) -> str:
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa_exc.ArgumentError:
+        return "<unparseable URL>"
+
+
+def translate(exc: BaseException) -> errors.StorageError:
+    """Map a driver error to the storage error tree (the caller raises `from exc`)."""
+    text = str(getattr(exc, "orig", exc))
+    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, OSError)):
+        return errors.StorageUnavailable(f"database unavailable: {text}")
+    if isinstance(exc, sa_exc.IntegrityError):
+        return errors.StorageError(f"integrity error: {text}")
+    return errors.StorageError(f"database error: {text}")
+
+
+def _is_driver_error(exc: BaseException) -> bool:
+    if isinstance(exc, (sa_exc.SQLAlchemyError, OSError)):
+        return True
+    # asyncpg raises its own exceptions for lost connections.
+    return type(exc).__module__.startswith("asyncpg")
+
+
+class Database:
+    """An engine plus a write path (group commit on SQLite)."""
+
+    def __init__(self, settings: DatabaseSettings) -> None:
+        self.settings = settings
+        self.engine: AsyncEngine = _make_engine(settings)
+        self._queue: asyncio.Queue[tuple[WriteOp[Any], asyncio.Future[Any]]] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._conn: AsyncConnection | None = None
+        self._closed = False
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    async def open(self) -> None:
+        if self._writer is not None or self._closed:
+            raise RuntimeError("database already opened")
+        if self.settings.is_sqlite:
+            self._writer = asyncio.create_task(self._write_loop(), name="sqlite-writer")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        while not self._queue.empty():
+            _, future = self._queue.get_nowait()
+            if not future.done():
+                future.set_exception(errors.StorageUnavailable("database is closing"))
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+        await self.engine.dispose()
+
+    async def migrate(self) -> None:
+        """Bring the schema to the newest migration."""
+        try:
+            async with self.engine.begin() as conn:
+                await conn.run_sync(_upgrade)
+        except Exception as exc:
+            if _is_driver_error(exc):
+                raise translate(exc) from exc
+            raise
+
+    async def write(self, op: WriteOp[T]) -> T:
+        """Run `op` in a write transaction; returns after the commit."""
+        if self._closed:
+            raise errors.StorageUnavailable("database is closed")
+        if self._writer is None:
+            return await self._write_alone(op)
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((op, future))
+        return await future
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self.engine.connect() as conn:
+                yield conn
+        except Exception as exc:
+            if _is_driver_error(exc):
+                raise translate(exc) from exc
+            raise
+
+    async def _write_alone(self, op: WriteOp[T]) -> T:
+        try:
+            async with self.engine.begin() as conn:
+                return await op(conn)
+        except Exception as exc:
+            if _is_driver_error(exc):
+                raise translate(exc) from exc
+            raise
+
+    async def _writer_conn(self) -> AsyncConnection:
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            conn = await self.engine.connect()
+            self._conn = await conn.execution_options(stowhook_begin="BEGIN IMMEDIATE")
+        return self._conn
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.settings.max_group and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            batch = [(op, fut) for op, fut in batch if not fut.cancelled()]
+            if not batch:
+                continue
+            try:
+                await self._run_group(batch)
+            except Exception:
+                if len(batch) == 1:
+                    continue  # _run_group already failed its one future
+                for item in batch:
+                    await self._run_group([item])
+
+    async def _run_group(self, batch: list[tuple[WriteOp[Any], asyncio.Future[Any]]]) -> None:
+        results: list[Any] = []
+        try:
+            conn = await self._writer_conn()
+            async with conn.begin():
+                for op, _ in batch:
+                    results.append(await op(conn))
+        except Exception as exc:
+            await self._after_failure(exc)
+            if len(batch) == 1:
+                _, future = batch[0]
+                if not future.done():
+                    error = translate(exc) if _is_driver_error(exc) else exc
+                    if error is not exc:
+                        error.__cause__ = exc
+                    future.set_exception(error)
+            raise
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    async def _after_failure(self, exc: BaseException) -> None:
+        if isinstance(exc, sa_exc.OperationalError) and self._conn is not None:
+            # A broken or locked connection: start the next group on a fresh one.
+            with contextlib.suppress(Exception):
+                await self._conn.invalidate()
+            self._conn = None
+        if _is_driver_error(exc):
+            log.warning("database_write_failed", error=str(getattr(exc, "orig", exc)))
+
+
+def _make_engine(settings: DatabaseSettings) -> AsyncEngine:
+    if not settings.is_sqlite:
+        return create_async_engine(
+            settings.async_url, pool_size=settings.pool_size, pool_pre_ping=True
+        )
+    engine = create_async_engine(settings.async_url)
+    _configure_sqlite(engine, settings)
+    return engine
+
+
+def _configure_sqlite(engine: AsyncEngine, settings: DatabaseSettings) -> None:
+    synchronous = settings.sqlite_synchronous.upper()
+
+    @sa_event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the driver, decide when transactions begin (SQLAlchemy docs:
+        # "Serializable isolation / Savepoints / Transactional DDL" for pysqlite).
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(settings.sqlite_busy_timeout_ms)}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute(f"PRAGMA synchronous = {synchronous}")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @sa_event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql(conn.get_execution_options().get("stowhook_begin", "BEGIN"))
+
+
+def _upgrade(sync_conn: sa.Connection) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = sync_conn
+    command.upgrade(config, "head")

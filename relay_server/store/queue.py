@@ -1,0 +1,360 @@
+"""The delivery state machine in SQL: ingest, lease, settle, extend, reap, release.
+
+Every transition is one statement guarded by (id, attempts, state), so a settlement for
+an old lease (a smaller attempt number) never touches a newer one: that is the fencing.
+Functions here run inside a write transaction handed in by `Database.write`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from relay_server import crypto, ids, models, retry
+from relay_server.store import tables
+
+D = tables.deliveries
+E = tables.events
+
+ACTIVE_STATES = (models.DeliveryState.PENDING, models.DeliveryState.LEASED)
+
+
+def seal_event(keyring: crypto.KeyRing, event: models.IncomingEvent) -> dict[str, object]:
+    """The events row for `event`, with query, headers and body sealed."""
+    headers = json.dumps(event.headers, separators=(",", ":")).encode()
+    return {
+        "id": event.id,
+        "bucket_id": event.route.bucket.id,
+        "input_id": event.route.input.id,
+        "received_at": models.to_ms(event.received_at),
+        "method": event.method,
+        "path": event.path,
+        "size": len(event.body),
+        "source": event.source[:64],
+        "query_sealed": keyring.seal(event.query.encode(), aad(event.id, "query")),
+        "headers_sealed": keyring.seal(headers, aad(event.id, "headers")),
+        "body_sealed": keyring.seal(event.body, aad(event.id, "body")),
+    }
+
+
+def aad(event_id: str, field: str) -> bytes:
+    return f"{event_id}:{field}".encode()
+
+
+def open_payload(
+    keyring: crypto.KeyRing, event_id: str, query: bytes, headers: bytes, body: bytes
+) -> tuple[str, models.Headers, bytes]:
+    plain_headers = json.loads(keyring.open(headers, aad(event_id, "headers")))
+    return (
+        keyring.open(query, aad(event_id, "query")).decode(),
+        tuple((str(name), str(value)) for name, value in plain_headers),
+        keyring.open(body, aad(event_id, "body")),
+    )
+
+
+def new_delivery_row(event_id: str, output_id: str, now: int, *, replay: bool) -> dict[str, object]:
+    return {
+        "id": ids.new_id(),
+        "event_id": event_id,
+        "output_id": output_id,
+        "state": models.DeliveryState.PENDING,
+        "attempts": 0,
+        "available_at": now,
+        "replay": replay,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+async def insert_event(
+    conn: AsyncConnection, row: dict[str, object], output_ids: Sequence[str]
+) -> None:
+    await conn.execute(E.insert(), [row])
+    now = models.now_ms()
+    event_id = str(row["id"])
+    deliveries = [new_delivery_row(event_id, out, now, replay=False) for out in output_ids]
+    if deliveries:
+        await conn.execute(D.insert(), deliveries)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RawLease:
+    """A claimed delivery with its still-sealed event, ready to be opened outside the writer."""
+
+    delivery_id: str
+    attempt: int
+    deadline_ms: int
+    replay: bool
+    output: str
+    bucket: str
+    event: sa.Row[tuple[object, ...]]
+
+
+async def claim(
+    conn: AsyncConnection,
+    *,
+    output_ids: Sequence[str],
+    limit: int,
+    lease_ms: int,
+    holder: str,
+) -> list[RawLease]:
+    """Lease up to `limit` available deliveries of `output_ids`, oldest first."""
+    now = models.now_ms()
+    candidates = (
+        sa.select(D.c.id)
+        .where(
+            D.c.output_id.in_(output_ids),
+            D.c.state == models.DeliveryState.PENDING,
+            D.c.available_at <= now,
+        )
+        .order_by(D.c.available_at, D.c.id)
+        .limit(limit)
+    )
+    candidates = _lock_for_claim(conn, candidates)
+    claimed = (
+        await conn.execute(
+            D.update()
+            .where(D.c.id.in_(candidates.scalar_subquery()))
+            .values(
+                state=models.DeliveryState.LEASED,
+                attempts=D.c.attempts + 1,
+                leased_at=now,
+                lease_expires_at=now + lease_ms,
+                leased_by=holder,
+                first_attempt_at=sa.func.coalesce(D.c.first_attempt_at, now),
+                updated_at=now,
+            )
+            .returning(D.c.id, D.c.attempts, D.c.event_id, D.c.output_id, D.c.replay)
+        )
+    ).all()
+    if not claimed:
+        return []
+    return await _with_events(conn, claimed, now + lease_ms)
+
+
+async def _with_events(
+    conn: AsyncConnection, claimed: Sequence[sa.Row[tuple[object, ...]]], deadline: int
+) -> list[RawLease]:
+    event_ids = {row.event_id for row in claimed}
+    rows = (
+        await conn.execute(
+            sa.select(E, tables.buckets.c.name.label("bucket_name"))
+            .join(tables.buckets, tables.buckets.c.id == E.c.bucket_id)
+            .where(E.c.id.in_(event_ids))
+        )
+    ).all()
+    by_id = {row.id: row for row in rows}
+    output_names = dict(
+        (
+            await conn.execute(
+                sa.select(tables.outputs.c.id, tables.outputs.c.name).where(
+                    tables.outputs.c.id.in_({row.output_id for row in claimed})
+                )
+            )
+        ).all()
+    )
+    leases = [
+        RawLease(
+            delivery_id=row.id,
+            attempt=row.attempts,
+            deadline_ms=deadline,
+            replay=bool(row.replay),
+            output=output_names[row.output_id],
+            bucket=by_id[row.event_id].bucket_name,
+            event=by_id[row.event_id],
+        )
+        for row in claimed
+    ]
+    leases.sort(key=lambda lease: (lease.event.received_at, lease.delivery_id))
+    return leases
+
+
+def _lock_for_claim(conn: AsyncConnection, query: sa.Select[tuple[str]]) -> sa.Select[tuple[str]]:
+    """PostgreSQL: skip rows another replica is claiming. SQLite: the one writer serialises."""
+    if conn.dialect.name == "postgresql":
+        return query.with_for_update(skip_locked=True)
+    return query
+
+
+def _fenced(delivery_id: str, attempt: int) -> sa.ColumnElement[bool]:
+    return sa.and_(
+        D.c.id == delivery_id,
+        D.c.attempts == attempt,
+        D.c.state == models.DeliveryState.LEASED,
+    )
+
+
+async def settle(
+    conn: AsyncConnection,
+    settlements: Sequence[models.Settlement],
+    *,
+    agent: str,
+    base_policy: retry.RetryPolicy,
+) -> list[str]:
+    """Apply agent verdicts; returns the lease ids that were no longer held."""
+    lost: list[str] = []
+    for item in settlements:
+        try:
+            delivery_id, attempt = models.parse_lease_id(item.lease_id)
+        except ValueError:
+            lost.append(item.lease_id)
+            continue
+        if item.outcome is models.Outcome.ACK:
+            done = await _finish(conn, delivery_id, attempt, models.DeliveryState.DELIVERED, None)
+        elif item.outcome is models.Outcome.REJECT:
+            done = await _finish(conn, delivery_id, attempt, models.DeliveryState.DEAD, item.reason)
+        else:
+            done = await _fail(conn, delivery_id, attempt, item, base_policy)
+        if done is None:
+            lost.append(item.lease_id)
+        else:
+            await _record_attempt(conn, delivery_id, attempt, item, agent, done)
+    return lost
+
+
+async def _finish(
+    conn: AsyncConnection,
+    delivery_id: str,
+    attempt: int,
+    state: models.DeliveryState,
+    error: str | None,
+) -> int | None:
+    """Move a held lease to a final state; returns when it was leased, None if not held."""
+    now = models.now_ms()
+    row = (
+        await conn.execute(
+            D.update()
+            .where(_fenced(delivery_id, attempt))
+            .values(state=state, lease_expires_at=None, last_error=error, updated_at=now)
+            .returning(D.c.leased_at)
+        )
+    ).first()
+    return None if row is None else int(row.leased_at or now)
+
+
+async def _fail(
+    conn: AsyncConnection,
+    delivery_id: str,
+    attempt: int,
+    item: models.Settlement,
+    base_policy: retry.RetryPolicy,
+) -> int | None:
+    """A failed attempt: back to PENDING after a delay, or DEAD when out of tries."""
+    query = (
+        sa.select(
+            D.c.leased_at,
+            D.c.first_attempt_at,
+            tables.buckets.c.max_attempts,
+            tables.buckets.c.max_age_ms,
+        )
+        .join(tables.outputs, tables.outputs.c.id == D.c.output_id)
+        .join(tables.buckets, tables.buckets.c.id == tables.outputs.c.bucket_id)
+        .where(_fenced(delivery_id, attempt))
+    )
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(of=D)
+    row = (await conn.execute(query)).first()
+    if row is None:
+        return None
+    now = models.now_ms()
+    policy = retry.RetryPolicy(
+        initial_ms=base_policy.initial_ms,
+        factor=base_policy.factor,
+        cap_ms=base_policy.cap_ms,
+        max_attempts=row.max_attempts,
+        max_age_ms=row.max_age_ms,
+    )
+    decision = retry.after_failure(
+        policy,
+        attempts=attempt,
+        first_attempt_ms=int(row.first_attempt_at or now),
+        now_ms=now,
+        retry_after_ms=item.retry_after_ms,
+    )
+    await conn.execute(
+        D.update()
+        .where(_fenced(delivery_id, attempt))
+        .values(
+            state=decision.state,
+            available_at=decision.available_at_ms,
+            lease_expires_at=None,
+            leased_by=None,
+            last_error=_error_text(item),
+            updated_at=now,
+        )
+    )
+    return int(row.leased_at or now)
+
+
+def _error_text(item: models.Settlement) -> str:
+    reason = item.reason.strip()[:500]
+    return f"{item.outcome}: {reason}" if reason else str(item.outcome)
+
+
+async def _record_attempt(
+    conn: AsyncConnection,
+    delivery_id: str,
+    attempt: int,
+    item: models.Settlement,
+    agent: str,
+    started_at: int,
+) -> None:
+    await conn.execute(
+        tables.attempts.insert().values(
+            delivery_id=delivery_id,
+            attempt=attempt,
+            outcome=item.outcome,
+            agent=agent[:200],
+            started_at=started_at,
+            ended_at=models.now_ms(),
+            error=item.reason[:500] or None,
+        )
+    )
+
+
+async def extend(conn: AsyncConnection, lease_ids: Sequence[str], extend_ms: int) -> list[str]:
+    """Move lease deadlines to now + extend_ms; returns the lease ids no longer held."""
+    lost = []
+    deadline = models.now_ms() + extend_ms
+    for lease_id in lease_ids:
+        try:
+            delivery_id, attempt = models.parse_lease_id(lease_id)
+        except ValueError:
+            lost.append(lease_id)
+            continue
+        result = await conn.execute(
+            D.update().where(_fenced(delivery_id, attempt)).values(lease_expires_at=deadline)
+        )
+        if result.rowcount != 1:
+            lost.append(lease_id)
+    return lost
+
+
+async def expired_leases(conn: AsyncConnection, limit: int) -> list[str]:
+    now = models.now_ms()
+    rows = await conn.execute(
+        sa.select(D.c.id, D.c.attempts)
+        .where(D.c.state == models.DeliveryState.LEASED, D.c.lease_expires_at < now)
+        .order_by(D.c.lease_expires_at)
+        .limit(limit)
+    )
+    return [models.format_lease_id(row.id, row.attempts) for row in rows]
+
+
+async def reap(conn: AsyncConnection, *, limit: int, base_policy: retry.RetryPolicy) -> list[str]:
+    """Count every lease past its deadline as a failed attempt; returns their lease ids."""
+    lease_ids = await expired_leases(conn, limit)
+    settlements = [
+        models.Settlement(
+            lease_id=lease_id,
+            outcome=models.Outcome.LEASE_EXPIRED,
+            reason="lease expired before the agent settled it",
+        )
+        for lease_id in lease_ids
+    ]
+    lost = await settle(conn, settlements, agent="reaper", base_policy=base_policy)
+    return [lease_id for lease_id in lease_ids if lease_id not in lost]

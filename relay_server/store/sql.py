@@ -1,0 +1,259 @@
+"""`SqlStore`: the storage seam implemented once on SQLAlchemy Core (SQLite and PostgreSQL).
+
+Nothing above this module sees SQL. Sealing and opening payloads happens here, outside
+the write transaction where possible, so the single SQLite writer only does I/O.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+from relay_server import crypto, errors, models, retry
+from relay_server.store import admin, database, events, queue
+
+
+class SqlStore:
+    def __init__(
+        self,
+        settings: database.DatabaseSettings,
+        keyring: crypto.KeyRing | None,
+        *,
+        retry_base: retry.RetryPolicy | None = None,
+    ) -> None:
+        self.db = database.Database(settings)
+        self._keyring = keyring
+        self.retry_base = retry_base or retry.RetryPolicy()
+
+    @property
+    def keyring(self) -> crypto.KeyRing:
+        if self._keyring is None:
+            raise errors.ConfigError("this operation needs the AES key (--key-file)")
+        return self._keyring
+
+    async def open(self) -> None:
+        await self.db.open()
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def migrate(self) -> None:
+        await self.db.migrate()
+
+    # ---- the delivery path -------------------------------------------------------
+
+    async def ingest(self, event: models.IncomingEvent) -> None:
+        """Store the event sealed, with one PENDING delivery per output; returns after commit."""
+        row = queue.seal_event(self.keyring, event)
+        await self.db.write(
+            functools.partial(queue.insert_event, row=row, output_ids=event.route.output_ids)
+        )
+
+    async def lease(
+        self, output_ids: Sequence[str], *, limit: int, lease_ms: int, holder: str
+    ) -> list[models.Lease]:
+        raw = await self.db.write(
+            functools.partial(
+                queue.claim, output_ids=output_ids, limit=limit, lease_ms=lease_ms, holder=holder
+            )
+        )
+        return [self._open_lease(item) for item in raw]
+
+    def _open_lease(self, item: queue.RawLease) -> models.Lease:
+        event = item.event
+        query, headers, body = queue.open_payload(
+            self.keyring, event.id, event.query_sealed, event.headers_sealed, event.body_sealed
+        )
+        return models.Lease(
+            lease_id=models.format_lease_id(item.delivery_id, item.attempt),
+            delivery_id=item.delivery_id,
+            attempt=item.attempt,
+            deadline=models.from_ms(item.deadline_ms),
+            event_id=event.id,
+            bucket=item.bucket,
+            output=item.output,
+            input_id=event.input_id,
+            method=event.method,
+            path=event.path,
+            query=query,
+            headers=headers,
+            body=body,
+            received_at=models.from_ms(event.received_at),
+            replay=item.replay,
+        )
+
+    async def settle(self, settlements: Sequence[models.Settlement], *, agent: str) -> list[str]:
+        """Apply ACK/NACK/REJECT/failures; returns lease ids no longer held (fenced off)."""
+        return await self.db.write(
+            functools.partial(
+                queue.settle, settlements=settlements, agent=agent, base_policy=self.retry_base
+            )
+        )
+
+    async def extend(self, lease_ids: Sequence[str], extend_ms: int) -> list[str]:
+        return await self.db.write(
+            functools.partial(queue.extend, lease_ids=lease_ids, extend_ms=extend_ms)
+        )
+
+    async def reap(self, *, limit: int = 500) -> list[str]:
+        """Expire leases past their deadline (each a failed attempt); returns their ids."""
+        return await self.db.write(
+            functools.partial(queue.reap, limit=limit, base_policy=self.retry_base)
+        )
+
+    async def route(self, input_id: str) -> models.Route | None:
+        async with self.db.read() as conn:
+            return await admin.route(conn, input_id)
+
+    # ---- credentials ---------------------------------------------------------------
+
+    async def token(self, key_id: str) -> tuple[models.Token, str] | None:
+        async with self.db.read() as conn:
+            return await admin.get_token(conn, key_id)
+
+    async def touch_token(self, key_id: str) -> None:
+        await self.db.write(functools.partial(admin.touch_token, key_id=key_id))
+
+    async def outputs_for(
+        self, account_id: str, bucket_names: Sequence[str], output: str
+    ) -> dict[str, str]:
+        async with self.db.read() as conn:
+            return await admin.outputs_for(conn, account_id, bucket_names, output)
+
+    async def bucket_names(self, bucket_ids: Sequence[str]) -> dict[str, str]:
+        async with self.db.read() as conn:
+            return await admin.bucket_names(conn, bucket_ids)
+
+    async def audit(self, **entry: str | None) -> None:
+        await self.db.write(functools.partial(admin.audit, **entry))  # type: ignore[arg-type]
+
+    # ---- events and the dead-letter queue --------------------------------------------
+
+    async def list_events(self, where: events.EventFilter) -> list[models.EventSummary]:
+        async with self.db.read() as conn:
+            return await events.list_events(conn, where)
+
+    async def get_event(self, account_id: str, event_id: str) -> models.EventDetail:
+        async with self.db.read() as conn:
+            summary, row, attempts = await events.get_event(conn, account_id, event_id)
+        query, headers, body = queue.open_payload(
+            self.keyring, row.id, row.query_sealed, row.headers_sealed, row.body_sealed
+        )
+        return models.EventDetail(
+            summary=summary, query=query, headers=headers, body=body, attempts=tuple(attempts)
+        )
+
+    async def replay_event(
+        self, account_id: str, event_id: str, output: str | None = None
+    ) -> list[str]:
+        return await self.db.write(
+            functools.partial(
+                events.replay_event, account_id=account_id, event_id=event_id, output=output
+            )
+        )
+
+    async def replay_dead(
+        self, account_id: str, bucket_id: str | None, limit: int = 10_000
+    ) -> list[str]:
+        return await self.db.write(
+            functools.partial(
+                events.replay_dead, account_id=account_id, bucket_id=bucket_id, limit=limit
+            )
+        )
+
+    # ---- administration ------------------------------------------------------------
+
+    async def create_account(self, name: str) -> models.Account:
+        return await self.db.write(functools.partial(admin.create_account, name=name))
+
+    async def get_account(self, name: str) -> models.Account:
+        async with self.db.read() as conn:
+            return await admin.get_account(conn, name)
+
+    async def list_accounts(self) -> list[models.Account]:
+        async with self.db.read() as conn:
+            return await admin.list_accounts(conn)
+
+    async def create_bucket(
+        self, account_id: str, name: str, *, max_attempts: int, max_age_ms: int, retention_ms: int
+    ) -> models.Bucket:
+        return await self.db.write(
+            functools.partial(
+                admin.create_bucket,
+                account_id=account_id,
+                name=name,
+                max_attempts=max_attempts,
+                max_age_ms=max_age_ms,
+                retention_ms=retention_ms,
+            )
+        )
+
+    async def get_bucket(self, account_id: str, name: str) -> models.Bucket:
+        async with self.db.read() as conn:
+            return await admin.get_bucket(conn, account_id, name)
+
+    async def list_buckets(self, account_id: str) -> list[models.Bucket]:
+        async with self.db.read() as conn:
+            return await admin.list_buckets(conn, account_id)
+
+    async def bucket_counts(self, bucket_id: str) -> dict[str, int]:
+        async with self.db.read() as conn:
+            return await admin.bucket_counts(conn, bucket_id)
+
+    async def delete_bucket(self, bucket: models.Bucket, *, force: bool) -> None:
+        await self.db.write(functools.partial(admin.delete_bucket, bucket=bucket, force=force))
+
+    async def create_input(
+        self, bucket: models.Bucket, name: str, max_body_bytes: int | None = None
+    ) -> models.Input:
+        return await self.db.write(
+            functools.partial(
+                admin.create_input, bucket=bucket, name=name, max_body_bytes=max_body_bytes
+            )
+        )
+
+    async def list_inputs(
+        self, account_id: str, bucket_id: str | None = None
+    ) -> list[tuple[models.Input, str]]:
+        async with self.db.read() as conn:
+            return await admin.list_inputs(conn, account_id, bucket_id)
+
+    async def delete_input(self, account_id: str, input_id: str) -> None:
+        await self.db.write(
+            functools.partial(admin.delete_input, account_id=account_id, input_id=input_id)
+        )
+
+    async def create_token(
+        self,
+        *,
+        key_id: str,
+        account_id: str,
+        name: str,
+        secret_hash: str,
+        bucket_ids: Sequence[str],
+    ) -> models.Token:
+        return await self.db.write(
+            functools.partial(
+                admin.create_token,
+                key_id=key_id,
+                account_id=account_id,
+                name=name,
+                secret_hash=secret_hash,
+                bucket_ids=bucket_ids,
+            )
+        )
+
+    async def list_tokens(self, account_id: str) -> list[tuple[models.Token, list[str]]]:
+        async with self.db.read() as conn:
+            return await admin.list_tokens(conn, account_id)
+
+    async def revoke_token(self, account_id: str, key_id: str) -> None:
+        await self.db.write(
+            functools.partial(admin.revoke_token, account_id=account_id, key_id=key_id)
+        )
+
+    async def dead_event_ids(
+        self, account_id: str, bucket_id: str | None, limit: int = 100
+    ) -> list[str]:
+        async with self.db.read() as conn:
+            return await events.dead_event_ids(conn, account_id, bucket_id, limit)

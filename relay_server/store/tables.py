@@ -1,0 +1,160 @@
+"""Schema (SQLAlchemy Core). Times are integer milliseconds since the epoch (UTC).
+
+Changing this file needs a migration in relay_server/migrations/versions/.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+ID = sa.String(36)
+
+accounts = sa.Table(
+    "accounts",
+    metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("name", sa.String(100), nullable=False, unique=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+)
+
+buckets = sa.Table(
+    "buckets",
+    metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("account_id", ID, sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("max_attempts", sa.Integer, nullable=False),
+    sa.Column("max_age_ms", sa.BigInteger, nullable=False),
+    sa.Column("retention_ms", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint("account_id", "name", name="uq_buckets_account_name"),
+)
+
+inputs = sa.Table(
+    "inputs",
+    metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("bucket_id", ID, sa.ForeignKey("buckets.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("max_body_bytes", sa.Integer, nullable=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Index("ix_inputs_bucket", "bucket_id"),
+)
+
+outputs = sa.Table(
+    "outputs",
+    metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("bucket_id", ID, sa.ForeignKey("buckets.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint("bucket_id", "name", name="uq_outputs_bucket_name"),
+)
+
+agent_tokens = sa.Table(
+    "agent_tokens",
+    metadata,
+    sa.Column("key_id", sa.String(64), primary_key=True),
+    sa.Column("account_id", ID, sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("secret_hash", sa.String(100), nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("revoked_at", sa.BigInteger, nullable=True),
+    sa.Column("last_used_at", sa.BigInteger, nullable=True),
+)
+
+token_buckets = sa.Table(
+    "token_buckets",
+    metadata,
+    sa.Column(
+        "key_id",
+        sa.String(64),
+        sa.ForeignKey("agent_tokens.key_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("bucket_id", ID, sa.ForeignKey("buckets.id", ondelete="CASCADE"), primary_key=True),
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("bucket_id", ID, sa.ForeignKey("buckets.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("input_id", ID, nullable=False),
+    sa.Column("received_at", sa.BigInteger, nullable=False),
+    sa.Column("method", sa.String(16), nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("source", sa.String(64), nullable=False),
+    # AES-256-GCM sealed (relay_server.crypto); associated data = "<event id>:<field>".
+    sa.Column("query_sealed", sa.LargeBinary, nullable=False),
+    sa.Column("headers_sealed", sa.LargeBinary, nullable=False),
+    sa.Column("body_sealed", sa.LargeBinary, nullable=False),
+    sa.Index("ix_events_bucket_received", "bucket_id", "received_at"),
+    sa.Index("ix_events_input", "input_id"),
+)
+
+deliveries = sa.Table(
+    "deliveries",
+    metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("event_id", ID, sa.ForeignKey("events.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("output_id", ID, sa.ForeignKey("outputs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("available_at", sa.BigInteger, nullable=False),
+    sa.Column("leased_at", sa.BigInteger, nullable=True),
+    sa.Column("lease_expires_at", sa.BigInteger, nullable=True),
+    sa.Column("leased_by", sa.String(200), nullable=True),
+    sa.Column("first_attempt_at", sa.BigInteger, nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("replay", sa.Boolean, nullable=False),
+    sa.Column("replaced_by", ID, nullable=True),  # a DLQ replay made a fresh delivery
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    # Claims: oldest available first, per output.
+    sa.Index("ix_deliveries_claim", "output_id", "state", "available_at"),
+    # Reaper: leases past their deadline.
+    sa.Index("ix_deliveries_lease", "state", "lease_expires_at"),
+    sa.Index("ix_deliveries_event", "event_id"),
+)
+
+attempts = sa.Table(
+    "attempts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "delivery_id", ID, sa.ForeignKey("deliveries.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("agent", sa.String(200), nullable=False),
+    sa.Column("started_at", sa.BigInteger, nullable=True),
+    sa.Column("ended_at", sa.BigInteger, nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Index("ix_attempts_delivery", "delivery_id"),
+)
+
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.BigInteger, nullable=False),
+    sa.Column("actor", sa.String(200), nullable=False),
+    sa.Column("action", sa.String(100), nullable=False),
+    sa.Column("resource", sa.String(200), nullable=False),
+    sa.Column("result", sa.String(20), nullable=False),
+    sa.Column("source", sa.String(100), nullable=False),
+    sa.Column("detail", sa.Text, nullable=True),
+    sa.Index("ix_audit_at", "at"),
+)

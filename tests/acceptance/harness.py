@@ -1,0 +1,283 @@
+"""Real processes on loopback: a relay-server, relay-agents, and a recording HTTP target."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import ClientSession, web
+
+BIN = pathlib.Path(sys.executable).parent
+FAST_RETRIES = (
+    "--retry-initial",
+    "200ms",
+    "--retry-cap",
+    "1s",
+    "--poll-interval",
+    "100ms",
+    "--lease-ms",
+    "3000",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@dataclass
+class Relay:
+    """One relay-server installation in a temporary folder."""
+
+    home: pathlib.Path
+    http_port: int = field(default_factory=free_port)
+    grpc_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    input_id: str = ""
+    token: str = ""
+    starts: int = 0
+
+    @property
+    def db_path(self) -> pathlib.Path:
+        return self.home / "var" / "stowhook.db"
+
+    @property
+    def base_args(self) -> list[str]:
+        return [
+            "--database-url",
+            f"sqlite:///{self.db_path}",
+            "--key-file",
+            str(self.home / "var" / "stowhook.key"),
+            "--public-url",
+            f"http://127.0.0.1:{self.http_port}",
+        ]
+
+    def input_url(self, input_id: str | None = None, tail: str = "") -> str:
+        return f"http://127.0.0.1:{self.http_port}/in/{input_id or self.input_id}{tail}"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    async def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = await asyncio.create_subprocess_exec(
+            str(BIN / "relay-server"),
+            *self.base_args,
+            "--log-format",
+            "json",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        result = subprocess.CompletedProcess(args, proc.returncode or 0, out.decode(), err.decode())
+        if check and result.returncode != 0:
+            raise AssertionError(f"relay-server {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    async def cli_json(self, *args: str) -> Any:
+        return json.loads((await self.cli(*args, "--json")).stdout)
+
+    async def setup(self) -> None:
+        """Key, schema, quickstart bucket with one input and one agent token."""
+        await self.cli("quickstart", "--grpc-address", self.grpc_address)
+        self.token = (self.home / "var" / "quickstart-agent.token").read_text().strip()
+        self.input_id = (await self.cli_json("input", "list"))[0]["id"]
+
+    def start(self, *extra: str) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "server already running"
+        self.starts += 1
+        with open(self.home / f"server-{self.starts}.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    str(BIN / "relay-server"),
+                    *self.base_args,
+                    "--log-format",
+                    "json",
+                    "serve",
+                    "--http-listen",
+                    f"127.0.0.1:{self.http_port}",
+                    "--grpc-listen",
+                    f"127.0.0.1:{self.grpc_port}",
+                    *FAST_RETRIES,
+                    *extra,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.home,
+            )
+
+    async def wait_ready(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        async with ClientSession() as session:
+            while True:
+                assert self.proc is not None and self.proc.poll() is None, self.log_text()
+                with contextlib.suppress(OSError):
+                    async with session.get(f"http://127.0.0.1:{self.http_port}/healthz") as r:
+                        if r.status == 200 and _port_open(self.grpc_port):
+                            return
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"server not ready:\n{self.log_text()}")
+                await asyncio.sleep(0.1)
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+    def log_text(self) -> str:
+        return "\n".join(
+            p.read_text(errors="replace") for p in sorted(self.home.glob("server-*.log"))
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class Agent:
+    proc: subprocess.Popen[bytes]
+    log: pathlib.Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+    async def wait_exit(self, timeout: float = 20) -> int:
+        await wait_until(lambda: self.proc.poll() is not None, timeout, "agent to exit")
+        return int(self.proc.returncode)
+
+
+def start_agent(
+    relay: Relay,
+    forward: str,
+    *extra: str,
+    token: str | None = None,
+    bucket: str = "quickstart",
+    name: str = "agent",
+) -> Agent:
+    log = relay.home / f"{name}.log"
+    env = {**os.environ, "STOWHOOK_TOKEN": token if token is not None else relay.token}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                str(BIN / "relay-agent"),
+                "run",
+                "--server",
+                relay.grpc_address,
+                "--insecure",
+                "--bucket",
+                bucket,
+                "--forward",
+                forward,
+                "--log-format",
+                "json",
+                "--name",
+                name,
+                *extra,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    return Agent(proc=proc, log=log)
+
+
+@dataclass(frozen=True)
+class Received:
+    method: str
+    path: str
+    query: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    at: float
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+
+class Target:
+    """An internal HTTP service that records every request it gets."""
+
+    def __init__(self, respond: Callable[[int, web.Request], Any] | None = None) -> None:
+        self.received: list[Received] = []
+        self.port = free_port()
+        self._respond = respond
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> Target:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.received.append(
+            Received(
+                method=request.method,
+                path=request.rel_url.raw_path,
+                query=request.rel_url.raw_query_string,
+                headers=list(request.headers.items()),
+                body=body,
+                at=time.monotonic(),
+            )
+        )
+        answer = self._respond(len(self.received), request) if self._respond else None
+        if asyncio.iscoroutine(answer):
+            answer = await answer
+        return answer if isinstance(answer, web.StreamResponse) else web.Response(status=200)
+
+    def event_ids(self) -> list[str]:
+        return [r.header("X-Stowhook-Event-Id") or "" for r in self.received]
+
+    async def wait_for(self, count: int, timeout: float = 30) -> None:
+        await wait_until(
+            lambda: len(self.received) >= count,
+            timeout,
+            f"{count} requests at the target (got {len(self.received)})",
+        )
