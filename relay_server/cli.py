@@ -150,6 +150,8 @@ def main(
     log_level: str,
 ) -> None:
     """Stowhook relay server: store-and-forward webhooks for agents behind firewalls."""
+    # Everything the server writes (database, WAL, keys, tokens) is private to its user.
+    os.umask(0o077)
     relay_logging.configure(log_format, log_level)
     ctx.obj = CliState(
         database_url=database_url,

@@ -12,16 +12,14 @@ import contextlib
 import structlog
 
 from relay_server import errors
-from relay_server.dispatch import hub as hub_mod
 from relay_server.store import sql
 
 log = structlog.get_logger(__name__)
 
 
 class LeaseReaper:
-    def __init__(self, store: sql.SqlStore, hub: hub_mod.Hub, interval_s: float) -> None:
+    def __init__(self, store: sql.SqlStore, interval_s: float) -> None:
         self._store = store
-        self._hub = hub
         self._interval_s = interval_s
         self._stop = asyncio.Event()
 

@@ -57,9 +57,7 @@ class RelayServer:
             log.info("server_stopped")
 
     async def _serve(self, on_ready: Callable[[RelayServer], None] | None) -> None:
-        lease_reaper = reaper.LeaseReaper(
-            self.store, self.hub, self.config.dispatch.reap_interval_s
-        )
+        lease_reaper = reaper.LeaseReaper(self.store, self.config.dispatch.reap_interval_s)
         servicer = servicer_mod.AgentRelayServicer(
             store=self.store,
             hub=self.hub,

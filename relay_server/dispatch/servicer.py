@@ -93,14 +93,14 @@ class AgentRelayServicer(relay_pb2_grpc.AgentRelayServicer):
     ) -> None:
         structlog.contextvars.bind_contextvars(peer=context.peer())
         try:
-            await self._serve(aiter(request_iterator), context)
+            await self._serve(request_iterator, context)
         except errors.RelayError as exc:
             code = status_for(exc)
             log.info("agent_refused", code=code.name, reason=exc.message)
             await context.abort(code, exc.message)
 
     async def _serve(
-        self, requests: AsyncIterator[relay_pb2.AgentMessage], context: Context
+        self, request_iterator: AsyncIterator[relay_pb2.AgentMessage], context: Context
     ) -> None:
         if self._closing:
             raise ShuttingDown()
@@ -108,6 +108,8 @@ class AgentRelayServicer(relay_pb2_grpc.AgentRelayServicer):
             raise TooManyConnections()
         token = await self._authenticate(context)
         structlog.contextvars.bind_contextvars(key_id=token.key_id)
+        # Only now start reading: an unread request stream is left to gRPC untouched.
+        requests = aiter(request_iterator)
         subscribe = await self._first_frame(requests)
         outputs = await self._resolve(token, subscribe)
         agent_session = self._open_session(token, subscribe, outputs)

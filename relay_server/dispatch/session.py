@@ -43,7 +43,9 @@ class AgentSession:
         self.agent = agent  # "<key_id>/<agent name>": recorded with every attempt
         self.outputs = dict(outputs)  # bucket name -> output id
         self.credit = credit
-        self.held: set[str] = set()
+        # Lease id -> deadline (ms since the epoch), for credit: a lease that ran out no
+        # longer counts against the agent, whether or not it ever settles it.
+        self.held: dict[str, int] = {}
         self._store = store
         self._hub = hub
         self._settings = settings
@@ -82,10 +84,11 @@ class AgentSession:
             self._wake.clear()
             while self._notices:
                 await context.write(self._notices.pop(0))
+            self._forget_expired()
             free = self.credit - len(self.held)
             leases = await self._lease(free) if free > 0 else []
             if leases:
-                self.held.update(lease.lease_id for lease in leases)
+                self.held.update((lease.lease_id, models.to_ms(lease.deadline)) for lease in leases)
                 for frame in frames.batches(leases, self._settings.max_batch_bytes):
                     await context.write(frame)
                 for lease in leases:
@@ -104,6 +107,11 @@ class AgentSession:
         except errors.StorageError as exc:
             log.warning("lease_failed", error=str(exc))
             return []
+
+    def _forget_expired(self) -> None:
+        now = models.now_ms()
+        for lease_id in [k for k, deadline in self.held.items() if deadline < now]:
+            del self.held[lease_id]
 
     async def _sleep(self, reader: asyncio.Task[None]) -> None:
         waiter = asyncio.create_task(self._wake.wait(), name=f"session-wake-{self.session_id}")
@@ -137,11 +145,17 @@ class AgentSession:
     async def _apply(self, kind: str, message: relay_pb2.AgentMessage) -> list[str]:
         if kind == "extend":
             extend_ms = min(max(message.extend.extend_ms, 1000), self._settings.max_extend_ms)
-            return await self._store.extend(list(message.extend.lease_ids), extend_ms)
+            lease_ids = list(message.extend.lease_ids)
+            deadline = models.now_ms() + extend_ms
+            lost = await self._store.extend(lease_ids, extend_ms)
+            for lease_id in set(lease_ids) - set(lost):
+                if lease_id in self.held:
+                    self.held[lease_id] = deadline
+            return lost
         settlements = frames.settlements(message)
         lost = await self._store.settle(settlements, agent=self.agent)
         for item in settlements:
-            self.held.discard(item.lease_id)
+            self.held.pop(item.lease_id, None)
             log.debug("lease_settled", lease_id=item.lease_id, outcome=str(item.outcome))
         self._wake.set()  # credit came back
         return lost

@@ -37,8 +37,8 @@ def create_app(store: sql.SqlStore, hub: hub_mod.Hub, settings: IngressSettings)
     app[ROUTES] = routes.RouteCache(store, settings.route_cache_s)
     app[SETTINGS] = settings
     app[READY] = [True]
-    app.router.add_route("*", "/in/{input_id}", receive)
-    app.router.add_route("*", "/in/{input_id}/{tail:.*}", receive)
+    app.router.add_route("*", "/in/{input_id}", receive, expect_handler=_expect)
+    app.router.add_route("*", "/in/{input_id}/{tail:.*}", receive, expect_handler=_expect)
     app.router.add_get("/healthz", healthz)
     app.on_response_prepare.append(_hide_server)
     return app
@@ -123,6 +123,20 @@ def _incoming(request: web.Request, route: models.Route, body: bytes) -> models.
         received_at=dt.datetime.now(dt.UTC),
         source=request.remote or "",
     )
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """Answer `Expect: 100-continue` with 413 before the client sends a body that is too big."""
+    if request.version != (1, 1):
+        return None
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return web.Response(status=417, text="unsupported Expect\n")
+    limit = request.app[SETTINGS].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        return web.Response(status=413, text=f"body larger than {limit} bytes\n")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # as aiohttp's default handler: the body has not started
+    return None
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:

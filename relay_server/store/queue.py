@@ -206,7 +206,9 @@ async def settle(
         if item.outcome is models.Outcome.ACK:
             done = await _finish(conn, delivery_id, attempt, models.DeliveryState.DELIVERED, None)
         elif item.outcome is models.Outcome.REJECT:
-            done = await _finish(conn, delivery_id, attempt, models.DeliveryState.DEAD, item.reason)
+            done = await _finish(
+                conn, delivery_id, attempt, models.DeliveryState.DEAD, _error_text(item)
+            )
         else:
             done = await _fail(conn, delivery_id, attempt, item, base_policy)
         if done is None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import pathlib
 from collections.abc import AsyncIterator
 
@@ -8,11 +9,19 @@ import pytest
 from tests.acceptance import harness
 
 
+@pytest.fixture(scope="session")
+def template(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """One quickstart installation, made with the real CLI, copied by every test."""
+    home = tmp_path_factory.mktemp("template")
+    asyncio.run(harness.Relay(home=home).setup())
+    return home
+
+
 @pytest.fixture
-async def relay(tmp_path: pathlib.Path) -> AsyncIterator[harness.Relay]:
+async def relay(tmp_path: pathlib.Path, template: pathlib.Path) -> AsyncIterator[harness.Relay]:
     """A set-up relay installation (not started)."""
     installation = harness.Relay(home=tmp_path)
-    await installation.setup()
+    await installation.setup(template)
     try:
         yield installation
     finally:

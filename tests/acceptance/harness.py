@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -98,9 +99,16 @@ class Relay:
     async def cli_json(self, *args: str) -> Any:
         return json.loads((await self.cli(*args, "--json")).stdout)
 
-    async def setup(self) -> None:
-        """Key, schema, quickstart bucket with one input and one agent token."""
-        await self.cli("quickstart", "--grpc-address", self.grpc_address)
+    async def setup(self, template: pathlib.Path | None = None) -> None:
+        """Key, schema, quickstart bucket with one input and one agent token.
+
+        With `template` (a folder an earlier setup() made), its var/ is copied instead:
+        the same ids and token, a private database.
+        """
+        if template is not None:
+            shutil.copytree(template / "var", self.home / "var")
+        else:
+            await self.cli("quickstart", "--grpc-address", self.grpc_address)
         self.token = (self.home / "var" / "quickstart-agent.token").read_text().strip()
         self.input_id = (await self.cli_json("input", "list"))[0]["id"]
 
@@ -125,6 +133,18 @@ class Relay:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.home,
+            )
+
+    def start_plain(self, env: dict[str, str]) -> None:
+        """`relay-server serve` with no arguments: everything from `env` and files."""
+        self.starts += 1
+        with open(self.home / f"server-{self.starts}.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                [str(BIN / "relay-server"), "serve"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.home,
+                env={**os.environ, **env},
             )
 
     async def wait_ready(self, timeout: float = 20) -> None:
@@ -189,6 +209,7 @@ def start_agent(
     token: str | None = None,
     bucket: str = "quickstart",
     name: str = "agent",
+    tls: bool = False,
 ) -> Agent:
     log = relay.home / f"{name}.log"
     env = {**os.environ, "STOWHOOK_TOKEN": token if token is not None else relay.token}
@@ -199,7 +220,7 @@ def start_agent(
                 "run",
                 "--server",
                 relay.grpc_address,
-                "--insecure",
+                *([] if tls else ["--insecure"]),
                 "--bucket",
                 bucket,
                 "--forward",
@@ -246,7 +267,8 @@ class Target:
     async def __aenter__(self) -> Target:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
+        # Hung handlers (tests of stuck destinations) must not hold up teardown.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
         return self

@@ -130,6 +130,9 @@ async def test_a_body_over_the_limit_gets_413_and_is_not_stored(relay) -> None:
 
         async with session.post(relay.input_url(), data=chunks()) as resp:
             assert resp.status == 413
+        # Expect: 100-continue is refused before the body is sent.
+        async with session.post(relay.input_url(), data=b"z" * 5000, expect100=True) as resp:
+            assert resp.status == 413
     assert await relay.cli_json("event", "list") == []
     status, _, _ = await post(relay.input_url(), b"x" * 1000)
     assert status == 200
