@@ -8,7 +8,6 @@ lease still held is returned to the queue in one write (each counts as an attemp
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Mapping
 
 import grpc
@@ -73,20 +72,23 @@ class AgentSession:
         finally:
             self._hub.unregister(output_ids, self._wake)
             reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            # gather, not await: a reader that failed must not skip the release below.
+            await asyncio.gather(reader, return_exceptions=True)
             await asyncio.shield(self._release_held())
-        if not reader.cancelled() and isinstance(reader.exception(), FrameError):
-            raise reader.exception()  # type: ignore[misc]
+        failure = None if reader.cancelled() else reader.exception()
+        if isinstance(failure, FrameError):
+            raise failure
 
     async def _push(self, context: grpc.aio.ServicerContext, reader: asyncio.Task[None]) -> None:  # type: ignore[type-arg]
+        woken = True  # the first look, and every wake-up, go straight to a claim
         while not self._stopping.is_set() and not reader.done():
             self._wake.clear()
             while self._notices:
                 await context.write(self._notices.pop(0))
             self._forget_expired()
             free = self.credit - len(self.held)
-            leases = await self._lease(free) if free > 0 else []
+            leases = await self._lease(free, polled=not woken) if free > 0 else []
+            woken = False
             if leases:
                 self.held.update((lease.lease_id, models.to_ms(lease.deadline)) for lease in leases)
                 for frame in frames.batches(leases, self._settings.max_batch_bytes):
@@ -94,15 +96,16 @@ class AgentSession:
                 for lease in leases:
                     log.debug("lease_granted", **lease.log_context())
                 continue
-            await self._sleep(reader)
+            woken = await self._sleep(reader)
 
-    async def _lease(self, limit: int) -> list[models.Lease]:
+    async def _lease(self, limit: int, *, polled: bool) -> list[models.Lease]:
         try:
             return await self._store.lease(
                 list(self.outputs.values()),
                 limit=limit,
                 lease_ms=self._settings.lease_ms,
                 holder=self.agent,
+                check_first=polled,
             )
         except errors.StorageError as exc:
             log.warning("lease_failed", error=str(exc))
@@ -113,7 +116,8 @@ class AgentSession:
         for lease_id in [k for k, deadline in self.held.items() if deadline < now]:
             del self.held[lease_id]
 
-    async def _sleep(self, reader: asyncio.Task[None]) -> None:
+    async def _sleep(self, reader: asyncio.Task[None]) -> bool:
+        """Wait for a wake-up (True) or the poll interval (False)."""
         waiter = asyncio.create_task(self._wake.wait(), name=f"session-wake-{self.session_id}")
         try:
             await asyncio.wait(
@@ -123,6 +127,7 @@ class AgentSession:
             )
         finally:
             waiter.cancel()
+        return self._wake.is_set()
 
     async def _read(self, requests: AsyncIterator[relay_pb2.AgentMessage]) -> None:
         async for message in requests:

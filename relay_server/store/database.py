@@ -82,6 +82,10 @@ def translate(exc: BaseException) -> errors.StorageError:
     return errors.StorageError(f"database error: {text}")
 
 
+def _is_unavailable(exc: BaseException) -> bool:
+    return isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, OSError))
+
+
 def _is_driver_error(exc: BaseException) -> bool:
     if isinstance(exc, (sa_exc.SQLAlchemyError, OSError)):
         return True
@@ -182,11 +186,17 @@ class Database:
                 continue
             try:
                 await self._run_group(batch)
-            except Exception:
+            except Exception as exc:
                 if len(batch) == 1:
                     continue  # _run_group already failed its one future
-                for item in batch:
-                    await self._run_group([item])
+                if _is_unavailable(exc):
+                    # The database itself failed (locked, full, gone): so would each
+                    # operation alone. Fail them all now rather than one timeout each.
+                    self._fail_all(batch, exc)
+                    continue
+                for item in batch:  # one operation broke the group: find it
+                    with contextlib.suppress(Exception):
+                        await self._run_group([item])
 
     async def _run_group(self, batch: list[tuple[WriteOp[Any], asyncio.Future[Any]]]) -> None:
         results: list[Any] = []
@@ -208,6 +218,15 @@ class Database:
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
+
+    def _fail_all(
+        self, batch: list[tuple[WriteOp[Any], asyncio.Future[Any]]], exc: Exception
+    ) -> None:
+        for _, future in batch:
+            if not future.done():
+                error = translate(exc)
+                error.__cause__ = exc
+                future.set_exception(error)
 
     async def _after_failure(self, exc: BaseException) -> None:
         if isinstance(exc, sa_exc.OperationalError) and self._conn is not None:

@@ -94,6 +94,20 @@ class RawLease:
     event: sa.Row[tuple[object, ...]]
 
 
+async def has_available(conn: AsyncConnection, output_ids: Sequence[str]) -> bool:
+    """Is any delivery of `output_ids` ready to lease? (a read: no write lock taken)"""
+    found = await conn.scalar(
+        sa.select(D.c.id)
+        .where(
+            D.c.output_id.in_(output_ids),
+            D.c.state == models.DeliveryState.PENDING,
+            D.c.available_at <= models.now_ms(),
+        )
+        .limit(1)
+    )
+    return found is not None
+
+
 async def claim(
     conn: AsyncConnection,
     *,

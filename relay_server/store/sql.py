@@ -50,8 +50,20 @@ class SqlStore:
         )
 
     async def lease(
-        self, output_ids: Sequence[str], *, limit: int, lease_ms: int, holder: str
+        self,
+        output_ids: Sequence[str],
+        *,
+        limit: int,
+        lease_ms: int,
+        holder: str,
+        check_first: bool = False,
     ) -> list[models.Lease]:
+        """Lease up to `limit` deliveries, oldest first. With `check_first`, look with a
+        read before taking the write path (for idle polling)."""
+        if check_first:
+            async with self.db.read() as conn:
+                if not await queue.has_available(conn, output_ids):
+                    return []
         raw = await self.db.write(
             functools.partial(
                 queue.claim, output_ids=output_ids, limit=limit, lease_ms=lease_ms, holder=holder

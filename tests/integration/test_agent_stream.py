@@ -192,3 +192,24 @@ async def test_health_and_reflection_are_served(running_server: Running) -> None
         )
         names = [s.name async for r in responses for s in r.list_services_response.service]
         assert "stowhook.relay.v1.AgentRelay" in names
+
+
+async def test_a_bad_frame_mid_stream_ends_it_and_returns_its_leases(
+    running_server: Running,
+) -> None:
+    await ingest(running_server, b"held when the agent misbehaves")
+    agent = RawAgent(running_server.grpc_target, running_server.installation.token)
+    agent.send(subscribe=relay_pb2.Subscribe(buckets=["orders"], max_in_flight=1))
+    await agent.read()
+    (held,) = (await agent.read()).deliveries.deliveries
+    agent.send(subscribe=relay_pb2.Subscribe(buckets=["orders"]))
+    code, details = await status_of(agent)
+    assert (code, details) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unexpected subscribe frame after Subscribe",
+    )
+    detail = await running_server.relay.store.get_event(
+        running_server.installation.account.id, held.event_id
+    )
+    assert detail.summary.deliveries[0].state is models.DeliveryState.PENDING
+    assert [a.outcome for a in detail.attempts] == [models.Outcome.DISCONNECTED]
