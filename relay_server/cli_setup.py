@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import pathlib
 import shlex
+import shutil
+import sys
 
 import click
 
@@ -143,6 +145,14 @@ async def _ensure_token(
     return f"{key_id}.{secret}"
 
 
+def _agent_program() -> str:
+    """`relay-agent` if the shell finds it, else its full path beside this program."""
+    if shutil.which("relay-agent"):
+        return "relay-agent"
+    beside = pathlib.Path(sys.argv[0]).resolve().parent / "relay-agent"
+    return str(beside) if beside.exists() else "relay-agent"
+
+
 def _print_quickstart(
     state: cli.CliState,
     found: models.Input,
@@ -155,7 +165,7 @@ def _print_quickstart(
     url = f"{state.public_base()}/in/{found.id}"
     agent = shlex.join(
         [
-            "relay-agent",
+            _agent_program(),
             "run",
             "--server",
             grpc_address,

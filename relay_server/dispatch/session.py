@@ -8,7 +8,8 @@ lease still held is returned to the queue in one write (each counts as an attemp
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
+from typing import Any
 
 import grpc
 import structlog
@@ -20,6 +21,10 @@ from relay_server.settings import DispatchSettings
 from relay_server.store import sql
 
 log = structlog.get_logger(__name__)
+
+
+MAX_EXTRA_APPLYING = 64  # frames being applied beyond the credit before reading pauses
+APPLY_GRACE_S = 10.0  # how long a closing stream waits for its settlements to be written
 
 
 class FrameError(errors.RelayError):
@@ -51,6 +56,9 @@ class AgentSession:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._notices: list[relay_pb2.ServerMessage] = []
+        self._applying: set[asyncio.Task[None]] = set()
+        self._pending_acks: list[str] = []
+        self._ack_flusher: asyncio.Task[None] | None = None
         self._release_as = models.Outcome.DISCONNECTED
 
     def stop(self) -> None:
@@ -74,6 +82,9 @@ class AgentSession:
             reader.cancel()
             # gather, not await: a reader that failed must not skip the release below.
             await asyncio.gather(reader, return_exceptions=True)
+            # Settlements already read are applied before anything is handed back, so an
+            # ACK that arrived just before the stream ended still counts.
+            await asyncio.shield(self._finish_applying())
             await asyncio.shield(self._release_held())
         failure = None if reader.cancelled() else reader.exception()
         if isinstance(failure, FrameError):
@@ -130,22 +141,60 @@ class AgentSession:
         return self._wake.is_set()
 
     async def _read(self, requests: AsyncIterator[relay_pb2.AgentMessage]) -> None:
+        """Apply frames concurrently: settlements in flight together share one commit."""
         async for message in requests:
             kind = message.WhichOneof("kind")
             if kind is None or kind == "subscribe":
                 raise FrameError(f"unexpected {kind or 'empty'} frame after Subscribe")
+            # At most `credit` settlements can be outstanding; more frames than that in
+            # flight means extends piling up: wait for the oldest before reading on.
+            while len(self._applying) > self.credit + MAX_EXTRA_APPLYING:
+                await asyncio.wait(self._applying, return_when=asyncio.FIRST_COMPLETED)
+            if kind == "ack":
+                # ACKs that arrive while a flush is being written go out in the next one.
+                self._pending_acks.extend(message.ack.lease_ids)
+                if self._ack_flusher is None or self._ack_flusher.done():
+                    self._ack_flusher = self._spawn(self._flush_acks())
+            else:
+                self._spawn(self._apply_and_report(kind, message))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(work, name=f"session-apply-{self.session_id}")
+        self._applying.add(task)
+        task.add_done_callback(self._applying.discard)
+        return task
+
+    async def _flush_acks(self) -> None:
+        while self._pending_acks:
+            batch, self._pending_acks = self._pending_acks, []
+            acks = [models.Settlement(lease_id=i, outcome=models.Outcome.ACK) for i in batch]
             try:
-                lost = await self._apply(kind, message)
+                lost = await self._settle(acks)
             except errors.StorageError as exc:
-                # The lease stays held in storage; the reaper returns it when it runs out.
-                log.warning("settle_failed", frame=kind, error=str(exc))
+                log.warning("settle_failed", frame="ack", count=len(batch), error=str(exc))
                 continue
-            if lost:
-                log.info("lease_lost", lease_ids=lost[:10], count=len(lost))
-                self._notices.append(
-                    frames.lease_lost(lost, "lease no longer held (expired or settled)")
-                )
-                self._wake.set()
+            self._report_lost(lost)
+
+    async def _finish_applying(self) -> None:
+        if self._applying:
+            await asyncio.wait(set(self._applying), timeout=APPLY_GRACE_S)
+
+    async def _apply_and_report(self, kind: str, message: relay_pb2.AgentMessage) -> None:
+        try:
+            lost = await self._apply(kind, message)
+        except errors.StorageError as exc:
+            # The lease stays held in storage; the reaper returns it when it runs out.
+            log.warning("settle_failed", frame=kind, error=str(exc))
+            return
+        self._report_lost(lost)
+
+    def _report_lost(self, lost: list[str]) -> None:
+        if lost:
+            log.info("lease_lost", lease_ids=lost[:10], count=len(lost))
+            self._notices.append(
+                frames.lease_lost(lost, "lease no longer held (expired or settled)")
+            )
+            self._wake.set()
 
     async def _apply(self, kind: str, message: relay_pb2.AgentMessage) -> list[str]:
         if kind == "extend":
@@ -157,7 +206,9 @@ class AgentSession:
                 if lease_id in self.held:
                     self.held[lease_id] = deadline
             return lost
-        settlements = frames.settlements(message)
+        return await self._settle(frames.settlements(message))
+
+    async def _settle(self, settlements: list[models.Settlement]) -> list[str]:
         lost = await self._store.settle(settlements, agent=self.agent)
         for item in settlements:
             self.held.pop(item.lease_id, None)

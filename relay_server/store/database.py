@@ -103,6 +103,8 @@ class Database:
         self._writer: asyncio.Task[None] | None = None
         self._conn: AsyncConnection | None = None
         self._closed = False
+        self._coalesced: dict[str, list[tuple[Any, asyncio.Future[None]]]] = {}
+        self._group_tasks: set[asyncio.Task[None]] = set()
 
     @property
     def dialect(self) -> str:
@@ -150,6 +152,47 @@ class Database:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((op, future))
         return await future
+
+    async def write_coalesced(
+        self,
+        key: str,
+        apply_many: Callable[[AsyncConnection, list[Any]], Awaitable[None]],
+        item: Any,
+    ) -> None:
+        """Add `item` to the next `apply_many` call for `key`; returns after its commit.
+
+        Items that arrive while one call waits for the writer join it, so N concurrent
+        writes of one kind cost one statement per table instead of N.
+        """
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiting = self._coalesced.setdefault(key, [])
+        waiting.append((item, future))
+        if len(waiting) == 1:
+            task = asyncio.create_task(self._write_group(key, apply_many), name=f"write-{key}")
+            self._group_tasks.add(task)
+            task.add_done_callback(self._group_tasks.discard)
+        await future
+
+    async def _write_group(
+        self, key: str, apply_many: Callable[[AsyncConnection, list[Any]], Awaitable[None]]
+    ) -> None:
+        taken: list[tuple[Any, asyncio.Future[None]]] = []
+
+        async def op(conn: AsyncConnection) -> None:
+            taken[:] = self._coalesced.pop(key, [])
+            await apply_many(conn, [item for item, _ in taken])
+
+        try:
+            await self.write(op)
+        except Exception as exc:
+            taken = taken or self._coalesced.pop(key, [])
+            for _, future in taken:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for _, future in taken:
+            if not future.done():
+                future.set_result(None)
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:

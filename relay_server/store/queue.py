@@ -70,13 +70,17 @@ def new_delivery_row(event_id: str, output_id: str, now: int, *, replay: bool) -
     }
 
 
-async def insert_event(
-    conn: AsyncConnection, row: dict[str, object], output_ids: Sequence[str]
+async def insert_events(
+    conn: AsyncConnection, events: Sequence[tuple[dict[str, object], Sequence[str]]]
 ) -> None:
-    await conn.execute(E.insert(), [row])
+    """Insert sealed event rows, each with one PENDING delivery per output id."""
     now = models.now_ms()
-    event_id = str(row["id"])
-    deliveries = [new_delivery_row(event_id, out, now, replay=False) for out in output_ids]
+    await conn.execute(E.insert(), [row for row, _ in events])
+    deliveries = [
+        new_delivery_row(str(row["id"]), output_id, now, replay=False)
+        for row, output_ids in events
+        for output_id in output_ids
+    ]
     if deliveries:
         await conn.execute(D.insert(), deliveries)
 
@@ -211,6 +215,7 @@ async def settle(
 ) -> list[str]:
     """Apply agent verdicts; returns the lease ids that were no longer held."""
     lost: list[str] = []
+    acks: dict[tuple[str, int], str] = {}
     for item in settlements:
         try:
             delivery_id, attempt = models.parse_lease_id(item.lease_id)
@@ -218,8 +223,9 @@ async def settle(
             lost.append(item.lease_id)
             continue
         if item.outcome is models.Outcome.ACK:
-            done = await _finish(conn, delivery_id, attempt, models.DeliveryState.DELIVERED, None)
-        elif item.outcome is models.Outcome.REJECT:
+            acks[(delivery_id, attempt)] = item.lease_id
+            continue
+        if item.outcome is models.Outcome.REJECT:
             done = await _finish(
                 conn, delivery_id, attempt, models.DeliveryState.DEAD, _error_text(item)
             )
@@ -228,8 +234,39 @@ async def settle(
         if done is None:
             lost.append(item.lease_id)
         else:
-            await _record_attempt(conn, delivery_id, attempt, item, agent, done)
+            await _record_attempts(conn, [(delivery_id, attempt, done)], item, agent)
+    if acks:
+        lost += await _ack_all(conn, acks, agent)
     return lost
+
+
+async def _ack_all(
+    conn: AsyncConnection, acks: dict[tuple[str, int], str], agent: str
+) -> list[str]:
+    """Every held lease in `acks` becomes DELIVERED in one statement; returns the rest."""
+    now = models.now_ms()
+    done = (
+        await conn.execute(
+            D.update()
+            .where(
+                sa.tuple_(D.c.id, D.c.attempts).in_(list(acks)),
+                D.c.state == models.DeliveryState.LEASED,
+            )
+            .values(
+                state=models.DeliveryState.DELIVERED,
+                lease_expires_at=None,
+                last_error=None,
+                updated_at=now,
+            )
+            .returning(D.c.id, D.c.attempts, D.c.leased_at)
+        )
+    ).all()
+    item = models.Settlement(lease_id="", outcome=models.Outcome.ACK)
+    await _record_attempts(
+        conn, [(row.id, row.attempts, int(row.leased_at or now)) for row in done], item, agent
+    )
+    settled = {(row.id, row.attempts) for row in done}
+    return [lease_id for key, lease_id in acks.items() if key not in settled]
 
 
 async def _finish(
@@ -311,24 +348,30 @@ def _error_text(item: models.Settlement) -> str:
     return f"{item.outcome}: {reason}" if reason else str(item.outcome)
 
 
-async def _record_attempt(
+async def _record_attempts(
     conn: AsyncConnection,
-    delivery_id: str,
-    attempt: int,
+    done: Sequence[tuple[str, int, int]],
     item: models.Settlement,
     agent: str,
-    started_at: int,
 ) -> None:
+    """One attempts row per (delivery_id, attempt, started_at), all with item's outcome."""
+    if not done:
+        return
+    now = models.now_ms()
     await conn.execute(
-        tables.attempts.insert().values(
-            delivery_id=delivery_id,
-            attempt=attempt,
-            outcome=item.outcome,
-            agent=agent[:200],
-            started_at=started_at,
-            ended_at=models.now_ms(),
-            error=item.reason[:500] or None,
-        )
+        tables.attempts.insert(),
+        [
+            {
+                "delivery_id": delivery_id,
+                "attempt": attempt,
+                "outcome": item.outcome,
+                "agent": agent[:200],
+                "started_at": started_at,
+                "ended_at": now,
+                "error": item.reason[:500] or None,
+            }
+            for delivery_id, attempt, started_at in done
+        ],
     )
 
 

@@ -45,9 +45,7 @@ class SqlStore:
     async def ingest(self, event: models.IncomingEvent) -> None:
         """Store the event sealed, with one PENDING delivery per output; returns after commit."""
         row = queue.seal_event(self.keyring, event)
-        await self.db.write(
-            functools.partial(queue.insert_event, row=row, output_ids=event.route.output_ids)
-        )
+        await self.db.write_coalesced("ingest", queue.insert_events, (row, event.route.output_ids))
 
     async def lease(
         self,
