@@ -33,6 +33,8 @@ from aiohttp import ClientSession, ClientTimeout, TCPConnector
 
 BIN = pathlib.Path(sys.executable).parent
 TIMEOUT_S = 300
+# Extra `relay-server serve` flags, e.g. BENCH_SERVE_ARGS="--sqlite-synchronous NORMAL".
+EXTRA_SERVE = os.environ.get("BENCH_SERVE_ARGS", "").split()
 
 
 def free_port() -> int:
@@ -168,6 +170,7 @@ async def run(events: int, concurrency: int, body_bytes: int) -> list[dict[str, 
             f"127.0.0.1:{http_port}",
             "--grpc-listen",
             f"127.0.0.1:{grpc_port}",
+            *EXTRA_SERVE,
         ]
         with process(serve) as server:
             await wait_http(f"http://127.0.0.1:{http_port}/healthz")
@@ -239,7 +242,7 @@ def main() -> None:
         print(f"{item['name']:<12} {item['value']:>10} {item['unit']:<9} {base:>10} {ratio:>7}")
     print(
         f"\n{options.events} events of {options.body_bytes} B, {options.concurrency} in flight, "
-        f"{os.cpu_count()} CPUs, SQLite synchronous=FULL"
+        f"{os.cpu_count()} CPUs, serve {' '.join(EXTRA_SERVE) or 'defaults (synchronous=FULL)'}"
     )
 
 

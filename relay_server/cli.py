@@ -95,6 +95,10 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
         raise click.BadParameter(f"{path} is not valid TOML: {exc}") from exc
     known = {p.name for p in ctx.command.params if p.name} | {"serve"}
     unknown = sorted(set(data) - known)
+    serve_command = ctx.command.commands["serve"] if isinstance(ctx.command, click.Group) else None
+    if serve_command is not None and isinstance(data.get("serve"), dict):
+        serve_known = {p.name for p in serve_command.params if p.name}
+        unknown += sorted(f"serve.{k}" for k in set(data["serve"]) - serve_known)
     if unknown:
         raise click.BadParameter(f"{path}: unknown setting(s) {', '.join(unknown)}")
     ctx.default_map = {**(ctx.default_map or {}), **data}
@@ -231,7 +235,7 @@ def main(
     help="Apply database migrations on start.",
 )
 @click.pass_obj
-def serve(state: CliState, **options: Any) -> None:
+def serve(state: CliState, /, **options: Any) -> None:
     """Run the relay: webhook ingress (HTTP) and agent streams (gRPC)."""
     from relay_server import console, retry, server
 

@@ -134,7 +134,7 @@ class RelayServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        relay_pb2_grpc.add_AgentRelayServicer_to_server(servicer, server)
+        relay_pb2_grpc.add_AgentRelayServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(
             [
@@ -161,4 +161,4 @@ class RelayServer:
             port = server.add_secure_port(g.listen, credentials)
         if port == 0:
             raise OSError(f"cannot listen for gRPC on {g.listen}")
-        return port
+        return int(port)

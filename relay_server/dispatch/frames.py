@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator, Sequence
 
 from google.protobuf import timestamp_pb2
@@ -10,7 +11,7 @@ from relay_proto import relay_pb2
 from relay_server import models
 
 
-def timestamp(value: models.dt.datetime) -> timestamp_pb2.Timestamp:
+def timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(value)
     return stamp

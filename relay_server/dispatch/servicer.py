@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import TypeAlias
 
 import grpc
 import structlog
@@ -49,7 +50,7 @@ def status_for(exc: Exception) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-Context = grpc.aio.ServicerContext[relay_pb2.AgentMessage, relay_pb2.ServerMessage]
+Context: TypeAlias = "grpc.aio.ServicerContext[relay_pb2.AgentMessage, relay_pb2.ServerMessage]"
 
 
 class AgentRelayServicer(relay_pb2_grpc.AgentRelayServicer):

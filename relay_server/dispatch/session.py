@@ -90,7 +90,7 @@ class AgentSession:
         if isinstance(failure, FrameError):
             raise failure
 
-    async def _push(self, context: grpc.aio.ServicerContext, reader: asyncio.Task[None]) -> None:  # type: ignore[type-arg]
+    async def _push(self, context: grpc.aio.ServicerContext, reader: asyncio.Task[None]) -> None:
         woken = True  # the first look, and every wake-up, go straight to a claim
         while not self._stopping.is_set() and not reader.done():
             self._wake.clear()

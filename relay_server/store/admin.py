@@ -46,9 +46,9 @@ def input_from_row(row: Any) -> models.Input:
 async def create_account(conn: AsyncConnection, name: str) -> models.Account:
     if (await conn.execute(sa.select(A.c.id).where(A.c.name == name))).first():
         raise errors.Conflict(f"account {name!r} already exists")
-    row = {"id": ids.new_id(), "name": name, "created_at": models.now_ms()}
-    await conn.execute(A.insert().values(**row))
-    return models.Account(id=row["id"], name=name, created_at=models.from_ms(row["created_at"]))
+    account_id, now = ids.new_id(), models.now_ms()
+    await conn.execute(A.insert().values(id=account_id, name=name, created_at=now))
+    return models.Account(id=account_id, name=name, created_at=models.from_ms(now))
 
 
 async def get_account(conn: AsyncConnection, name: str) -> models.Account:

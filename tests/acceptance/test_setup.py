@@ -99,3 +99,14 @@ async def test_an_unknown_setting_in_the_file_is_named(relay) -> None:
     result = await relay.cli("--config", str(config), "bucket", "list", check=False)
     assert result.returncode != 0
     assert "unknown setting(s) databse_url" in result.stderr
+
+
+async def test_the_example_config_in_deploy_is_accepted(relay) -> None:
+    example = pathlib.Path(__file__).resolve().parents[2] / "deploy" / "relay.toml"
+    result = await relay.cli("--config", str(example), "serve", "--help", check=False)
+    assert result.returncode == 0, result.stderr
+    typo = relay.home / "typo.toml"
+    typo.write_text('[serve]\nhttp_lisen = "127.0.0.1:1"\n')
+    result = await relay.cli("--config", str(typo), "serve", "--help", check=False)
+    assert result.returncode != 0
+    assert "unknown setting(s) serve.http_lisen" in result.stderr
