@@ -5,7 +5,10 @@
     │   ├── TokenRefused        the server said UNAUTHENTICATED (bad, unknown or revoked token)
     │   ├── BucketRefused       the server said PERMISSION_DENIED (bucket unknown or out of scope)
     │   └── ConfigError         the settings are wrong (raised before anything connects)
-    └── ConnectionLost          the stream broke or ended: the agent reconnects with backoff
+    ├── ConnectionLost          the stream broke or ended: the agent reconnects with backoff
+    └── SettlementError         an event could not be settled (SDK: ack, nack, reject, extend)
+        ├── LeaseLost           the lease is no longer held: the server delivers the event again
+        └── AlreadySettled      the event was settled before: each event is settled once
 
 The default message of each class is the first line of its docstring; extra data travels
 as attributes, never inside strings that someone would have to parse.
@@ -47,6 +50,22 @@ class ConfigError(FatalError):
 
 class ConnectionLost(AgentError):
     """The connection to the server was lost."""
+
+
+class SettlementError(AgentError):
+    """The event could not be settled."""
+
+    def __init__(self, message: str | None = None, *, lease_id: str | None = None) -> None:
+        super().__init__(message)
+        self.lease_id = lease_id
+
+
+class LeaseLost(SettlementError):
+    """The lease is no longer held: the server will deliver the event again."""
+
+
+class AlreadySettled(SettlementError):
+    """The event has already been settled (acked, nacked or rejected)."""
 
 
 def _first_line(doc: str | None) -> str:

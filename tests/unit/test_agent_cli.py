@@ -43,7 +43,7 @@ def test_version() -> None:
 
 
 def test_exported_members() -> None:
-    assert relay_agent.__all__ == ["__version__"]
+    assert "__version__" in relay_agent.__all__  # the SDK's surface: test_agent_consumer.py
 
 
 def test_help_lists_the_options() -> None:
