@@ -10,8 +10,10 @@ import dataclasses
 import enum
 import math
 import pathlib
+import shlex
 import socket
 import urllib.parse
+from typing import TypeAlias
 
 from relay_agent import errors
 
@@ -25,6 +27,13 @@ DEFAULT_KEEPALIVE_TIMEOUT_MS = 10_000
 # On stop, in-flight deliveries get this long to finish before they are NACKed.
 DEFAULT_SHUTDOWN_GRACE_S = 30.0
 DEFAULT_HTTP_TIMEOUT_S = 30.0
+# An exec script gets this long per event (its lease is extended meanwhile)...
+DEFAULT_EXEC_TIMEOUT_S = 30.0
+# ...then its process group gets SIGTERM, and SIGKILL if still there after this long.
+DEFAULT_EXEC_KILL_GRACE_S = 2.0
+# How much of a script's stdout and of its stderr is kept (the end) for the log.
+DEFAULT_EXEC_OUTPUT_LIMIT_BYTES = 4096
+SHELL = "/bin/sh"
 
 
 class Jitter(enum.StrEnum):
@@ -130,6 +139,103 @@ class HttpDestinationSettings:
         check_forward_url(self.url)
         if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
             raise errors.ConfigError(f"the HTTP timeout must be > 0 seconds, not {self.timeout_s}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ExecDestinationSettings:
+    """What the exec destination runs for each event, and for how long."""
+
+    argv: tuple[str, ...]  # program and arguments; see exec_argv() for the --exec string
+    timeout_s: float = DEFAULT_EXEC_TIMEOUT_S  # from start to exit, before the kill
+    kill_grace_s: float = DEFAULT_EXEC_KILL_GRACE_S  # SIGTERM -> SIGKILL
+    output_limit_bytes: int = DEFAULT_EXEC_OUTPUT_LIMIT_BYTES
+
+    def __post_init__(self) -> None:
+        if not self.argv or not self.argv[0]:
+            raise errors.ConfigError("the exec command is empty")
+        if any("\0" in arg for arg in self.argv):
+            raise errors.ConfigError("the exec command must not contain NUL characters")
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise errors.ConfigError(f"the exec timeout must be > 0 seconds, not {self.timeout_s}")
+        if not (math.isfinite(self.kill_grace_s) and self.kill_grace_s >= 0):
+            raise errors.ConfigError(f"kill_grace_s must be >= 0, not {self.kill_grace_s}")
+        _check_range("output_limit_bytes", self.output_limit_bytes, 1, 2**20)
+
+
+def exec_argv(command: str, *, shell: bool) -> tuple[str, ...]:
+    """The argv for an --exec command: split like a shell would, or given to /bin/sh -c."""
+    if not command.strip():
+        raise errors.ConfigError("the exec command is empty")
+    if shell:
+        return (SHELL, "-c", command)
+    try:
+        argv = tuple(shlex.split(command))
+    except ValueError as exc:
+        raise errors.ConfigError(
+            f"cannot split the exec command {command!r}: {exc} "
+            "(fix the quoting, or run it through /bin/sh with --shell)"
+        ) from None
+    if not argv:
+        raise errors.ConfigError("the exec command is empty")
+    return argv
+
+
+class DirFormat(enum.StrEnum):
+    JSON = "json"  # one <name>.json envelope per event: metadata, headers and body
+    RAW = "raw"  # <name>.body (the bytes as received) plus <name>.meta.json, written last
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class DirDestinationSettings:
+    """Where the dir destination writes one file per event, and how."""
+
+    path: pathlib.Path  # the spool directory; created at start-up if missing
+    format: DirFormat = DirFormat.JSON
+
+    def __post_init__(self) -> None:
+        if not str(self.path).strip():
+            raise errors.ConfigError("the dir destination needs a directory path")
+        if "\0" in str(self.path):
+            raise errors.ConfigError("the directory path must not contain NUL characters")
+
+
+DestinationSettings: TypeAlias = (
+    HttpDestinationSettings | ExecDestinationSettings | DirDestinationSettings
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Subscription:
+    """One stream of the agent: its buckets, its connection and where its events go."""
+
+    agent: AgentSettings
+    destination: DestinationSettings
+    label: str = ""  # where it was defined ("subscription[1]"), for messages; "" from flags
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class AgentConfig:
+    """Everything one agent process runs: each subscription is its own Agent."""
+
+    subscriptions: tuple[Subscription, ...]
+    # HOST:PORT for the local /healthz and /metrics (relay_agent.metrics); None: off.
+    metrics_listen: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.metrics_listen is not None:
+            check_server_address(self.metrics_listen)
+        if not self.subscriptions:
+            raise errors.ConfigError("configure at least one subscription")
+        owner: dict[str, str] = {}
+        for index, subscription in enumerate(self.subscriptions):
+            label = subscription.label or f"subscription[{index}]"
+            for bucket in subscription.agent.buckets:
+                if bucket in owner:
+                    raise errors.ConfigError(
+                        f"bucket {bucket!r} is in both {owner[bucket]} and {label}: "
+                        "give each bucket to one subscription"
+                    )
+                owner[bucket] = label
 
 
 def check_server_address(server: str) -> None:

@@ -238,6 +238,26 @@ def start_agent(
     return Agent(proc=proc, log=log)
 
 
+def start_agent_args(
+    relay: Relay,
+    *args: str,
+    name: str = "agent",
+    token: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Agent:
+    """`relay-agent ARGS...` with its output in <home>/<name>.log; the token in the env."""
+    log = relay.home / f"{name}.log"
+    environ = {**os.environ, "STOWHOOK_TOKEN": token if token is not None else relay.token}
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "relay-agent"), *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**environ, **(env or {})},
+        )
+    return Agent(proc=proc, log=log)
+
+
 @dataclass(frozen=True)
 class Received:
     method: str
@@ -303,3 +323,30 @@ class Target:
             timeout,
             f"{count} requests at the target (got {len(self.received)})",
         )
+
+
+def agent_env(relay: Relay, token: str | None = None) -> dict[str, str]:
+    """The environment for a relay-agent process or an SDK worker: the token, nothing else new."""
+    return {**os.environ, "STOWHOOK_TOKEN": token if token is not None else relay.token}
+
+
+def pull_args(relay: Relay, *extra: str, bucket: str = "quickstart") -> list[str]:
+    """`relay-agent pull` against `relay` (plaintext, JSON logs), for a shell or exec."""
+    return [
+        str(BIN / "relay-agent"),
+        "pull",
+        "--server",
+        relay.grpc_address,
+        "--insecure",
+        "--bucket",
+        bucket,
+        "--log-format",
+        "json",
+        *extra,
+    ]
+
+
+async def delivery_states(relay: Relay) -> dict[str, dict[str, Any]]:
+    """Event id -> its (only) delivery, as `relay-server event list --json` shows it."""
+    events = await relay.cli_json("event", "list", "--limit", "1000")
+    return {event["id"]: event["deliveries"][0] for event in events}

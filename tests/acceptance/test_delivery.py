@@ -142,6 +142,13 @@ async def test_a_connected_agent_reconnects_after_the_server_restarts(running, a
         agent = agents(target.url)
         await post(running.input_url(), b"before")
         await target.wait_for(1)
+        # Kill only once the ACK is committed: a kill before it would (rightly) redeliver.
+        for _ in range(100):
+            listed = await running.cli_json("event", "list", "--state", "delivered")
+            if listed:
+                break
+            await asyncio.sleep(0.1)
+        assert len(listed) == 1
         running.kill()
         await asyncio.sleep(1)
         running.start()
