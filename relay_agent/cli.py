@@ -464,17 +464,9 @@ def stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
 
 
 def _run_loop(coro: Coroutine[Any, Any, _T]) -> _T:
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(coro)
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop  # optional speed-up, not a dependency
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
+    # Standard asyncio, not uvloop: throughput is bound by destinations, and asyncio starts exec
+    # children with subprocess.Popen (vfork/posix_spawn), so no gRPC fork handlers run.
+    return asyncio.run(coro)
 
 
 def _fail(exc: errors.AgentError) -> None:

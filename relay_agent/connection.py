@@ -98,6 +98,11 @@ class Connection:
         extend = relay_pb2.Extend(lease_ids=lease_ids, extend_ms=min(extend_ms, _UINT32_MAX))
         await self._outbox.put(relay_pb2.AgentMessage(extend=extend))
 
+    async def credit(self, max_in_flight: int) -> None:
+        """Let the server push at most this many unsettled deliveries; 0 pauses the stream."""
+        credit = relay_pb2.Credit(max_in_flight=max(0, min(max_in_flight, _UINT32_MAX)))
+        await self._outbox.put(relay_pb2.AgentMessage(credit=credit))
+
     async def reject(self, lease_id: str, reason: str) -> None:
         reject = relay_pb2.Reject(lease_id=lease_id, reason=reason[:_MAX_REASON_CHARS])
         await self._outbox.put(relay_pb2.AgentMessage(reject=reject))

@@ -458,6 +458,7 @@ class _Stream:
         self._closing = closing
         self._conn = connection.Connection(agent_settings)
         self._events: dict[str, Event] = {}  # by lease id: every event not settled or lost
+        self._paused = False  # Credit{0} sent: the server pushes nothing more
         self._settlements: set[asyncio.Task[None]] = set()
         self.lease_ms = models.DEFAULT_LEASE_MS
         self.session_id = ""
@@ -496,21 +497,39 @@ class _Stream:
 
     async def _serve(self, reader: asyncio.Task[None]) -> None:
         closing = asyncio.create_task(self._closing.wait(), name="relay-consumer-close-wait")
+        stopping = asyncio.create_task(
+            self._owner._stopping.wait(), name="relay-consumer-stop-wait"
+        )
         try:
-            await asyncio.wait({reader, closing}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {reader, closing, stopping}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if stopping in done and not reader.done() and not closing.done():
+                # Stopping: pause the stream so nothing new arrives while work finishes.
+                await self._pause()
+                await asyncio.wait({reader, closing}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await _cancel_all([closing])
+            await _cancel_all([closing, stopping])
         if reader.done():
             reader.result()  # the reader only ends by raising: ConnectionLost or FatalError
         await self._release_and_close()
 
+    async def _pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            await self._conn.credit(0)
+
     async def _release_and_close(self) -> None:
         """NACK every unsettled event (available again at once), then half-close at once.
 
-        The half-close follows the NACKs in the same write: had the server time to apply
-        one before it saw the stream end, it could lease the event straight back to this
-        stream, which would then hand it back as disconnected (one more attempt, backoff).
+        Credit{0} goes first and the half-close follows the NACKs in the same write:
+        otherwise the server, having applied a NACK before it saw the stream end, could
+        lease the event straight back to this stream, which would then hand it back as
+        disconnected (one more attempt, and a backoff).
         """
+        # Credit{0} first: the server applies it before the NACKs, so it cannot lease
+        # a released event straight back to this stream.
+        await self._pause()
         nack = models.Nack(
             retry_after_ms=SHUTDOWN_RETRY_AFTER_MS, reason=self._owner._release_reason
         )

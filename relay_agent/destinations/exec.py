@@ -38,10 +38,17 @@ The contract with the script (docs/destinations.md says the same for users):
   `kill_grace_s` (2 s), then NACK. The agent extends the lease while the script runs.
 * stdout and stderr: the last 4 KiB of each is logged after the run (`script_output`).
   Processes the script leaves running are not waited for once it has exited.
+
+The child is started by asyncio's own subprocess support (`subprocess.Popen`, which
+uses vfork/posix_spawn, so gRPC's fork handlers never run); the agent runs on the
+standard event loop for that reason (see cli._run_loop).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import datetime
 import math
 import os
@@ -50,12 +57,11 @@ import shutil
 import signal
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import structlog
 
 from relay_agent import models, settings
-from relay_agent.destinations import process
 
 log = structlog.get_logger(__name__)
 
@@ -65,6 +71,11 @@ ENV_PREFIX = "STOWHOOK_"
 HEADER_ENV_PREFIX = "STOWHOOK_HEADER_"
 RETRY_AFTER_FILE_NAME = "retry-after"
 _RETRY_AFTER_MAX_BYTES = 64
+# Once the child has exited, how long its pipes may stay open (processes it started
+# may hold them) before they are closed: the output read so far is what is kept.
+OUTPUT_DRAIN_S = 1.0
+# After SIGKILL, how long to wait for the child to be gone.
+KILL_WAIT_S = 5.0
 
 
 class ExecDestination:
@@ -89,7 +100,7 @@ class ExecDestination:
             retry_file = pathlib.Path(scratch) / RETRY_AFTER_FILE_NAME
             env = child_environment(self._environ, delivery, retry_file)
             try:
-                result = await process.run(
+                result = await run_process(
                     self._settings.argv,
                     env=env,
                     stdin=delivery.body,
@@ -194,7 +205,7 @@ def parse_retry_after(raw: bytes) -> int | None:
     return min(round(seconds * 1000), MAX_RETRY_AFTER_MS)
 
 
-def outcome(result: process.Result, retry_after_ms: int | None, timeout_s: float) -> models.Outcome:
+def outcome(result: Result, retry_after_ms: int | None, timeout_s: float) -> models.Outcome:
     """ACK for exit 0; NACK for everything else, with the script's delay after exit 75."""
     code = result.returncode
     if result.timed_out:
@@ -228,7 +239,7 @@ def program_problem(program: str, search_path: str | None) -> str | None:
     return None
 
 
-def _log_output(result: process.Result) -> None:
+def _log_output(result: Result) -> None:
     if not (result.stdout or result.stderr):
         return
     log.info(
@@ -246,3 +257,131 @@ def _signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
+
+
+# ---- running the child ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Result:
+    """How a child process ended, and the end of what it printed."""
+
+    returncode: int | None  # negative: killed by that signal; None: never reaped
+    timed_out: bool = False
+    stdout: bytes = b""  # at most output_limit bytes: the end
+    stderr: bytes = b""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+
+
+async def run_process(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    stdin: bytes,
+    timeout_s: float,
+    kill_grace_s: float,
+    output_limit: int,
+) -> Result:
+    """Run `argv` to its end or its deadline. Raises OSError if it cannot be started.
+
+    The child leads a new session (its own process group), so a deadline ends all it
+    started: SIGTERM to the group, SIGKILL after `kill_grace_s`. Cancellation kills the
+    group at once. Only the last `output_limit` bytes of stdout and of stderr are kept.
+    """
+    loop = asyncio.get_running_loop()
+    # The protocol API rather than create_subprocess_exec: on Python 3.11 Process.wait()
+    # does not return while a grandchild still holds the pipes; process_exited() does.
+    transport, child = await loop.subprocess_exec(
+        lambda: _Child(loop, output_limit),
+        *argv,
+        env=dict(env),
+        start_new_session=True,  # its own process group: a deadline ends all of it
+    )
+    try:
+        stdin_pipe = transport.get_pipe_transport(0)
+        if isinstance(stdin_pipe, asyncio.WriteTransport):
+            # Buffered and written as the child reads; a child that exits or closes its
+            # stdin first just ends the writing (EPIPE is not reported as an error).
+            stdin_pipe.write(stdin)
+            stdin_pipe.close()
+        timed_out = not await _within(child.exited, timeout_s)
+        if timed_out:
+            await _kill_group(transport.get_pid(), child, timeout_s, kill_grace_s)
+        await _within(child.output_closed, OUTPUT_DRAIN_S)
+        return Result(
+            returncode=transport.get_returncode(),
+            timed_out=timed_out,
+            stdout=bytes(child.stdout.data),
+            stderr=bytes(child.stderr.data),
+            stdout_truncated=child.stdout.truncated,
+            stderr_truncated=child.stderr.truncated,
+        )
+    finally:
+        if transport.get_returncode() is None:
+            # Cancelled (lease lost, shutdown): no grace, the outcome is not wanted.
+            signal_group(transport.get_pid(), signal.SIGKILL)
+            await _within(child.exited, KILL_WAIT_S)  # reaped by asyncio's child watcher
+        transport.close()  # closes pipes that processes it left behind may still hold
+
+
+async def _kill_group(pgid: int, child: _Child, timeout_s: float, kill_grace_s: float) -> None:
+    log.warning("script_timed_out", timeout_s=timeout_s, pid=pgid, signal="SIGTERM")
+    signal_group(pgid, signal.SIGTERM)
+    if not await _within(child.exited, kill_grace_s):
+        log.warning("script_killed", pid=pgid, signal="SIGKILL")
+    signal_group(pgid, signal.SIGKILL)  # even if the leader obeyed, what it started may not
+    await _within(child.exited, KILL_WAIT_S)
+
+
+def signal_group(pgid: int, signum: signal.Signals) -> None:
+    """Send a signal to a process group; a group that is already gone is fine."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+async def _within(awaitable: asyncio.Future[None], timeout_s: float) -> bool:
+    """Whether `awaitable` is done within `timeout_s` (it is not cancelled if not)."""
+    try:
+        await asyncio.wait_for(asyncio.shield(awaitable), timeout_s)
+    except TimeoutError:
+        return False
+    return True
+
+
+class _Tail:
+    """The last `limit` bytes written to a pipe."""
+
+    def __init__(self, limit: int) -> None:
+        self.data = bytearray()
+        self.truncated = False
+        self._limit = limit
+
+    def add(self, chunk: bytes) -> None:
+        self.data += chunk
+        if len(self.data) > self._limit:
+            del self.data[: -self._limit]
+            self.truncated = True
+
+
+class _Child(asyncio.SubprocessProtocol):
+    """Keeps the tails of stdout and stderr; tells when the child exits and they close."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int) -> None:
+        self.stdout = _Tail(limit)
+        self.stderr = _Tail(limit)
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.output_closed: asyncio.Future[None] = loop.create_future()
+        self._open_outputs = {1, 2}
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        (self.stdout if fd == 1 else self.stderr).add(data)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        self._open_outputs.discard(fd)  # fd 0 (stdin) closing is not our concern
+        if not self._open_outputs and not self.output_closed.done():
+            self.output_closed.set_result(None)
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)

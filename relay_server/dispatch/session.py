@@ -47,6 +47,7 @@ class AgentSession:
         self.agent = agent  # "<key_id>/<agent name>": recorded with every attempt
         self.outputs = dict(outputs)  # bucket name -> output id
         self.credit = credit
+        self._max_credit = credit  # what Welcome granted: Credit frames may only lower it
         # Lease id -> deadline (ms since the epoch), for credit: a lease that ran out no
         # longer counts against the agent, whether or not it ever settles it.
         self.held: dict[str, int] = {}
@@ -150,7 +151,12 @@ class AgentSession:
             # flight means extends piling up: wait for the oldest before reading on.
             while len(self._applying) > self.credit + MAX_EXTRA_APPLYING:
                 await asyncio.wait(self._applying, return_when=asyncio.FIRST_COMPLETED)
-            if kind == "ack":
+            if kind == "credit":
+                # Applied here, in frame order: no lease is pushed after a Credit{0} that
+                # precedes the agent's releasing NACKs.
+                self.credit = min(message.credit.max_in_flight, self._max_credit)
+                self._wake.set()
+            elif kind == "ack":
                 # ACKs that arrive while a flush is being written go out in the next one.
                 self._pending_acks.extend(message.ack.lease_ids)
                 if self._ack_flusher is None or self._ack_flusher.done():

@@ -37,14 +37,18 @@ class FakeStream:
         self.context = context
         self.metadata = dict(context.invocation_metadata())
         self.frames: list[relay_pb2.AgentMessage] = []
+        self.credits: list[int] = []  # Credit frames, kept apart from the settlements
         self._requests = requests
 
     async def recv(self) -> relay_pb2.AgentMessage | None:
-        """The agent's next frame, or None once it half-closes."""
-        frame = await anext(self._requests, None)
-        if frame is not None:
+        """The agent's next frame other than Credit, or None once it half-closes."""
+        while (frame := await anext(self._requests, None)) is not None:
+            if frame.WhichOneof("kind") == "credit":
+                self.credits.append(frame.credit.max_in_flight)
+                continue
             self.frames.append(frame)
-        return frame
+            return frame
+        return None
 
     async def send(self, message: relay_pb2.ServerMessage) -> None:
         await self.context.write(message)
@@ -339,12 +343,14 @@ async def test_stop_nacks_what_does_not_finish_within_the_grace(start_relay, tar
     recorder, url = target
     recorder.delay_s = 5.0
     frames: list[relay_pb2.AgentMessage] = []
+    credits: list[int] = []
 
     async def script(stream: FakeStream) -> None:
         await stream.welcome()
         await stream.deliver(make_delivery("d9.1"))
         while (frame := await stream.recv()) is not None:
             frames.append(frame)
+        credits.extend(stream.credits)
 
     _, port = await start_relay(script)
     async with running_agent(port, url, shutdown_grace_s=0.1):
@@ -353,6 +359,7 @@ async def test_stop_nacks_what_does_not_finish_within_the_grace(start_relay, tar
     assert frames[0].nack.lease_id == "d9.1"
     assert frames[0].nack.reason == "agent shutting down"
     assert frames[0].nack.retry_after_ms == 1
+    assert credits == [0], "the agent pauses the stream once, before it releases"
 
 
 async def test_stop_lets_a_short_delivery_finish_and_ack(start_relay, target) -> None:

@@ -213,3 +213,24 @@ async def test_a_bad_frame_mid_stream_ends_it_and_returns_its_leases(
     )
     assert detail.summary.deliveries[0].state is models.DeliveryState.PENDING
     assert [a.outcome for a in detail.attempts] == [models.Outcome.DISCONNECTED]
+
+
+async def test_credit_zero_pauses_the_stream_so_released_events_stay_released(
+    running_server: Running,
+) -> None:
+    for n in range(3):
+        await ingest(running_server, f"{n}".encode())
+    agent = RawAgent(running_server.grpc_target, running_server.installation.token)
+    agent.send(subscribe=relay_pb2.Subscribe(buckets=["orders"], max_in_flight=2))
+    await agent.read()
+    held = list((await agent.read()).deliveries.deliveries)
+    assert len(held) == 2
+    agent.send(credit=relay_pb2.Credit(max_in_flight=0))
+    for delivery in held:
+        agent.send(nack=relay_pb2.Nack(lease_id=delivery.lease_id, retry_after_ms=1))
+    with pytest.raises(TimeoutError):
+        await agent.read(timeout=0.5)  # paused: neither the third nor the released two
+    agent.send(credit=relay_pb2.Credit(max_in_flight=5))  # capped at the 2 granted
+    again = list((await agent.read()).deliveries.deliveries)
+    assert len(again) == 2
+    await agent.close()

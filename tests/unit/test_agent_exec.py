@@ -15,7 +15,6 @@ import pytest
 
 from relay_agent import errors, models, settings
 from relay_agent.destinations import exec as exec_destination
-from relay_agent.destinations import process
 
 RECEIVED = datetime.datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=datetime.UTC)
 
@@ -114,20 +113,20 @@ def test_parse_retry_after(raw: bytes, expected_ms: int | None) -> None:
 @pytest.mark.parametrize(
     ("finished", "expected"),
     [
-        (process.Result(returncode=0), models.Ack()),
-        (process.Result(returncode=1), models.Nack(reason="exit status 1")),
+        (exec_destination.Result(returncode=0), models.Ack()),
+        (exec_destination.Result(returncode=1), models.Nack(reason="exit status 1")),
         (
-            process.Result(returncode=75),
+            exec_destination.Result(returncode=75),
             models.Nack(retry_after_ms=2000, reason="exit status 75 (try again later)"),
         ),
-        (process.Result(returncode=-9), models.Nack(reason="killed by SIGKILL")),
+        (exec_destination.Result(returncode=-9), models.Nack(reason="killed by SIGKILL")),
         (
-            process.Result(returncode=-15, timed_out=True),
+            exec_destination.Result(returncode=-15, timed_out=True),
             models.Nack(reason="timed out after 1s: process group killed"),
         ),
     ],
 )
-def test_outcome(finished: process.Result, expected: models.Outcome) -> None:
+def test_outcome(finished: exec_destination.Result, expected: models.Outcome) -> None:
     assert exec_destination.outcome(finished, 2000, 1.0) == expected
 
 
@@ -352,29 +351,42 @@ def alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
-def test_the_same_under_uvloop(tmp_path: pathlib.Path) -> None:
-    """The agent process runs on uvloop when it is installed: stdin, exit, timeout, cancel."""
-    uvloop = pytest.importorskip("uvloop")
-
-    async def scenario() -> None:
-        await test_exit_codes(tmp_path)
-        await test_a_script_that_does_not_read_stdin_is_fine(tmp_path)
-        await test_a_hanging_script_and_its_children_are_killed_at_the_timeout(tmp_path)
-        await test_cancelling_a_delivery_kills_the_script(tmp_path)
-        await test_a_script_leaving_a_child_that_holds_stdout_does_not_hold_up_the_ack(tmp_path)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(scenario())
-
-
-async def test_the_same_without_a_pidfd(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+async def test_a_script_that_exits_before_reading_a_large_body_is_judged_by_its_status(
+    tmp_path: pathlib.Path,
 ) -> None:
-    """Where there is no pidfd (not Linux, old kernels) the exit is polled."""
-    monkeypatch.setattr(process, "_pidfd_open", lambda _pid: None)
-    await test_exit_codes(tmp_path)
-    await test_a_hanging_script_and_its_children_are_killed_at_the_timeout(tmp_path)
-    await test_cancelling_a_delivery_kills_the_script(tmp_path)
+    argv = python_script(tmp_path, "import sys; sys.stdin.buffer.read(10); sys.exit(3)")
+    outcome = await destination(argv).deliver(make_delivery(body=b"x" * 5_000_000))
+    assert outcome == models.Nack(reason="exit status 3")
+
+
+async def test_a_timed_out_script_that_obeys_sigterm_is_reported_as_such(
+    tmp_path: pathlib.Path,
+) -> None:
+    argv = python_script(tmp_path, "import time; time.sleep(60)")
+    started = time.monotonic()
+    outcome = await destination(argv, timeout_s=0.5, kill_grace_s=5.0).deliver(make_delivery())
+    assert outcome == models.Nack(reason="timed out after 0.5s: process group killed")
+    assert time.monotonic() - started < 3.0, "no need to wait out the grace"
+
+
+async def test_the_run_result_keeps_tails_and_the_signal(tmp_path: pathlib.Path) -> None:
+    argv = python_script(
+        tmp_path,
+        """
+        import os, signal, sys
+        sys.stdout.write("x" * 100_000 + "tail")
+        sys.stdout.flush()
+        sys.stderr.write("err")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+        """,
+    )
+    result = await exec_destination.run_process(
+        argv, env=dict(os.environ), stdin=b"", timeout_s=10, kill_grace_s=1, output_limit=10
+    )
+    assert result == exec_destination.Result(
+        returncode=-9, stdout=b"xxxxxxtail", stderr=b"err", stdout_truncated=True
+    )
 
 
 def test_the_retry_after_file_must_be_a_small_regular_file(tmp_path: pathlib.Path) -> None:
