@@ -220,6 +220,14 @@ def main(
     type=click.Choice(database.SQLITE_SYNCHRONOUS, case_sensitive=False),
     help="FULL survives power loss; NORMAL survives process crashes only.",
 )
+@click.option(
+    "--sqlite-busy-timeout",
+    envvar="STOWHOOK_SQLITE_BUSY_TIMEOUT",
+    default="5s",
+    show_default=True,
+    help="How long a write waits for a SQLite lock held elsewhere before the webhook "
+    "gets 503 + Retry-After.",
+)
 @click.option("--retry-initial", default="5s", show_default=True, help="First retry delay bound.")
 @click.option("--retry-cap", default="1h", show_default=True, help="Longest retry delay bound.")
 @click.option(
@@ -241,7 +249,10 @@ def serve(state: CliState, /, **options: Any) -> None:
 
     with reported_errors():
         config = settings.ServerSettings(
-            database=state.database(sqlite_synchronous=options["sqlite_synchronous"].upper()),
+            database=state.database(
+                sqlite_synchronous=options["sqlite_synchronous"].upper(),
+                sqlite_busy_timeout_ms=console.parse_duration_ms(options["sqlite_busy_timeout"]),
+            ),
             key_file=state.key_file,
             ingress=settings.IngressSettings(
                 listen=options["http_listen"],

@@ -78,6 +78,7 @@ class RelayServer:
         await grpc_server.start()
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
         await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        app[ingress_app.GRPC_SERVING][0] = True
         side = asyncio.create_task(lease_reaper.run(), name="lease-reaper")
         log.info("server_started", http_port=self.http_port, grpc_port=self.grpc_port)
         if on_ready is not None:
@@ -107,15 +108,28 @@ class RelayServer:
         side: asyncio.Task[None],
     ) -> None:
         log.info("server_stopping")
-        await health.enter_graceful_shutdown()
+        # /readyz and new webhooks turn 503 before anything stops: a load balancer
+        # drains us while in-flight requests still commit.
         app[ingress_app.READY][0] = False
-        await runner.cleanup()
+        app[ingress_app.GRPC_SERVING][0] = False
+        await health.enter_graceful_shutdown()
+        await self._drain_ingress(app, runner)
         servicer.stop_sessions()
         await servicer.wait_closed(timeout_s=5.0)
         await grpc_server.stop(grace=2.0)
         lease_reaper.stop()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(side, 5.0)
+
+    async def _drain_ingress(self, app: web.Application, runner: web.AppRunner) -> None:
+        """Close the port, let webhooks already inside commit, then close connections."""
+        for site in list(runner.sites):
+            await site.stop()
+        in_flight = app[ingress_app.IN_FLIGHT]
+        grace = self.config.ingress.shutdown_grace_s
+        if not await in_flight.wait_idle(grace):
+            log.warning("ingress_grace_expired", in_flight=in_flight.count, grace_s=grace)
+        await runner.cleanup()
 
     def _grpc_server(
         self, servicer: servicer_mod.AgentRelayServicer, health: health_async.HealthServicer

@@ -6,8 +6,11 @@ cannot enumerate inputs; responses name no server software.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
 
 import structlog
 from aiohttp import web
@@ -25,6 +28,10 @@ HUB = web.AppKey("hub", hub_mod.Hub)
 ROUTES = web.AppKey("routes", routes.RouteCache)
 SETTINGS = web.AppKey("settings", IngressSettings)
 READY = web.AppKey("ready", list)  # [bool]: flipped to False when shutting down
+GRPC_SERVING = web.AppKey("grpc_serving", list)  # [bool]: True while agents can connect
+
+PROBE_CACHE_S = 1.0  # a flood of /readyz costs one write probe per second
+PROBE_TIMEOUT_S = 2.0  # longer than this to get the write lock counts as not writable
 
 RETRY_AFTER_S = "5"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -37,9 +44,13 @@ def create_app(store: sql.SqlStore, hub: hub_mod.Hub, settings: IngressSettings)
     app[ROUTES] = routes.RouteCache(store, settings.route_cache_s)
     app[SETTINGS] = settings
     app[READY] = [True]
+    app[GRPC_SERVING] = [False]
+    app[IN_FLIGHT] = InFlight()
+    app[PROBE] = WriteProbe(store)
     app.router.add_route("*", "/in/{input_id}", receive, expect_handler=_expect)
     app.router.add_route("*", "/in/{input_id}/{tail:.*}", receive, expect_handler=_expect)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.on_response_prepare.append(_hide_server)
     return app
 
@@ -48,10 +59,49 @@ def _empty(status: int, **headers: str) -> web.Response:
     return web.Response(status=status, headers=headers)
 
 
+class InFlight:
+    """Webhooks past the shutdown check and not yet answered: shutdown waits for them.
+
+    aiohttp's own graceful shutdown stops reading from open connections at once, so a
+    request whose body is still arriving would never finish; the server waits on this
+    (listening socket already closed) before handing over to aiohttp's cleanup.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[None]:
+        self.count += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.count -= 1
+            if self.count == 0:
+                self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        return self._idle.is_set()
+
+
+IN_FLIGHT = web.AppKey("in_flight", InFlight)
+
+
 async def receive(request: web.Request) -> web.StreamResponse:
     app = request.app
     if not app[READY][0]:
         return web.Response(status=503, text="shutting down\n", headers={"Retry-After": "1"})
+    with app[IN_FLIGHT].track():
+        return await _receive(request)
+
+
+async def _receive(request: web.Request) -> web.StreamResponse:
+    app = request.app
     route = await _route_or_unavailable(request)
     if isinstance(route, web.StreamResponse):
         return route
@@ -140,7 +190,59 @@ async def _expect(request: web.Request) -> web.StreamResponse | None:
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
+    """Liveness: the process answers. Says nothing about the database."""
     return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.StreamResponse:
+    """Readiness: a webhook sent now would be committed, and agents can connect."""
+    app = request.app
+    if not app[READY][0]:
+        reason: str | None = "shutting down"
+    elif not app[GRPC_SERVING][0]:
+        reason = "agent stream server not serving"
+    else:
+        reason = await app[PROBE].check()
+    if reason is not None:
+        return web.json_response(
+            {"status": "unavailable", "reason": reason},
+            status=503,
+            headers={"Retry-After": "1"},
+        )
+    return web.json_response({"status": "ready"})
+
+
+class WriteProbe:
+    """A real write through the writer, its outcome reused for `PROBE_CACHE_S`."""
+
+    def __init__(self, store: sql.SqlStore) -> None:
+        self._store = store
+        self._lock = asyncio.Lock()  # concurrent checks share one probe
+        self._checked_at = -PROBE_CACHE_S
+        self._reason: str | None = None
+
+    async def check(self) -> str | None:
+        """None when the database took a write just now, else why not."""
+        async with self._lock:
+            if time.monotonic() - self._checked_at >= PROBE_CACHE_S:
+                self._reason = await self._probe()
+                self._checked_at = time.monotonic()
+            return self._reason
+
+    async def _probe(self) -> str | None:
+        try:
+            await asyncio.wait_for(self._store.probe_write(), PROBE_TIMEOUT_S)
+        except TimeoutError:
+            reason = f"database not writable: no write lock within {PROBE_TIMEOUT_S:g}s"
+        except errors.StorageError as exc:
+            reason = f"database not writable: {exc.message}"
+        else:
+            return None
+        log.warning("readiness_probe_failed", reason=reason)
+        return reason
+
+
+PROBE = web.AppKey("probe", WriteProbe)
 
 
 @web.middleware

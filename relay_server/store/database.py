@@ -51,6 +51,8 @@ class DatabaseSettings:
             )
         if self.sqlite_synchronous.upper() not in SQLITE_SYNCHRONOUS:
             raise errors.ConfigError(f"sqlite_synchronous must be one of {SQLITE_SYNCHRONOUS}")
+        if self.sqlite_busy_timeout_ms < 0:
+            raise errors.ConfigError("the SQLite busy timeout cannot be negative")
 
     @property
     def is_sqlite(self) -> bool:
@@ -152,6 +154,14 @@ class Database:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((op, future))
         return await future
+
+    async def probe_write(self) -> None:
+        """Take the write lock and commit an empty transaction, through the writer.
+
+        Readiness checks call this: it fails exactly when an ingest would (locked, gone,
+        read-only), yet writes nothing, and in a group commit it costs no extra fsync.
+        """
+        await self.write(_probe)
 
     async def write_coalesced(
         self,
@@ -272,13 +282,26 @@ class Database:
                 future.set_exception(error)
 
     async def _after_failure(self, exc: BaseException) -> None:
-        if isinstance(exc, sa_exc.OperationalError) and self._conn is not None:
-            # A broken or locked connection: start the next group on a fresh one.
+        conn = self._conn
+        # A locked, full or broken connection, or a transaction the rollback could not
+        # end: start the next group on a fresh connection, never inside a stale BEGIN.
+        if conn is not None and (_is_unavailable(exc) or _stuck_in_transaction(conn)):
             with contextlib.suppress(Exception):
-                await self._conn.invalidate()
+                await conn.invalidate()
             self._conn = None
         if _is_driver_error(exc):
             log.warning("database_write_failed", error=str(getattr(exc, "orig", exc)))
+
+
+def _stuck_in_transaction(conn: AsyncConnection) -> bool:
+    try:
+        return conn.in_transaction()
+    except Exception:
+        return True  # cannot tell: assume the worst, the connection is cheap to replace
+
+
+async def _probe(conn: AsyncConnection) -> None:
+    await conn.execute(sa.text("SELECT 1"))
 
 
 def _make_engine(settings: DatabaseSettings) -> AsyncEngine:

@@ -40,6 +40,10 @@ class SqlStore:
     async def migrate(self) -> None:
         await self.db.migrate()
 
+    async def probe_write(self) -> None:
+        """Take and commit a write transaction now; StorageError if the database refuses."""
+        await self.db.probe_write()
+
     # ---- the delivery path -------------------------------------------------------
 
     async def ingest(self, event: models.IncomingEvent) -> None:
