@@ -307,7 +307,8 @@ def migrate(state: CliState) -> None:
     click.echo("database schema is up to date")
 
 
-from relay_server import cli_admin, cli_setup  # noqa: E402  (commands register on `main`)
+from relay_server import cli_admin, cli_events, cli_setup  # noqa: E402  (commands register on `main`)
 
 cli_setup.register(main)
 cli_admin.register(main)
+cli_events.register(main)

@@ -1,4 +1,4 @@
-"""Administration commands: account, token, bucket, input, event, dlq.
+"""Administration commands: account, token, bucket, input, event, dlq, status.
 
 Each prints a table by default and JSON with --json. Every change is audited.
 """
@@ -7,20 +7,18 @@ from __future__ import annotations
 
 import functools
 import getpass
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from relay_server import auth, cli, console, errors, models
+from relay_server import auth, cli, console, models
 from relay_server.cli_setup import bucket_defaults
-from relay_server.store import events as event_queries
 from relay_server.store import sql
 
 
 def register(group: click.Group) -> None:
-    for command in (account, token, bucket, input_, event, dlq):
+    for command in (account, token, bucket, input_):
         group.add_command(command)
 
 
@@ -372,237 +370,3 @@ def input_delete(state: cli.CliState, input_id: str, account_name: str, as_json:
 
     cli.run_with_store(state, action)
     console.emit_json({"deleted": input_id}) if as_json else click.echo(f"deleted input {input_id}")
-
-
-# ---- event -----------------------------------------------------------------------------
-
-
-@click.group()
-def event() -> None:
-    """Stored webhooks: list, show (decrypted), replay."""
-
-
-def _state_summary(e: models.EventSummary) -> str:
-    return ",".join(f"{d.output}:{d.state}({d.attempts})" for d in e.deliveries) or "-"
-
-
-def _event_rows(found: list[models.EventSummary]) -> list[tuple[str, ...]]:
-    return [
-        (
-            e.id,
-            console.format_time(e.received_at),
-            e.bucket,
-            e.method,
-            e.path or "/",
-            str(e.size),
-            _state_summary(e),
-        )
-        for e in found
-    ]
-
-
-EVENT_HEADERS = ["ID", "RECEIVED", "BUCKET", "METHOD", "PATH", "BYTES", "DELIVERIES"]
-
-
-@event.command("list")
-@click.option("--bucket", "bucket_name", default=None)
-@click.option("--input", "input_id", default=None)
-@click.option(
-    "--state",
-    "delivery_state",
-    type=click.Choice([s.value for s in models.DeliveryState]),
-    default=None,
-    help="Only events with a delivery in this state.",
-)
-@click.option("--since", default=None, help="Only events younger than this (e.g. 1h, 2d).")
-@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
-@admin
-@click.pass_obj
-def event_list(
-    state: cli.CliState,
-    bucket_name: str | None,
-    input_id: str | None,
-    delivery_state: str | None,
-    since: str | None,
-    limit: int,
-    account_name: str,
-    as_json: bool,
-) -> None:
-    since_ms = models.now_ms() - console.parse_duration_ms(since) if since else None
-
-    async def action(store: sql.SqlStore) -> list[models.EventSummary]:
-        acct = await store.get_account(account_name)
-        bucket_id = (await store.get_bucket(acct.id, bucket_name)).id if bucket_name else None
-        return await store.list_events(
-            event_queries.EventFilter(
-                account_id=acct.id,
-                bucket_id=bucket_id,
-                input_id=input_id,
-                state=models.DeliveryState(delivery_state) if delivery_state else None,
-                since_ms=since_ms,
-                limit=limit,
-            )
-        )
-
-    found = cli.run_with_store(state, action)
-    console.emit_json(found) if as_json else console.table(_event_rows(found), EVENT_HEADERS)
-
-
-@event.command("show")
-@click.argument("event_id")
-@click.option("--body-only", is_flag=True, help="Write just the raw body to stdout.")
-@admin
-@click.pass_obj
-def event_show(
-    state: cli.CliState, event_id: str, body_only: bool, account_name: str, as_json: bool
-) -> None:
-    async def action(store: sql.SqlStore) -> models.EventDetail:
-        return await store.get_event((await store.get_account(account_name)).id, event_id)
-
-    detail = cli.run_with_store(state, action, need_key=True)
-    if body_only:
-        sys.stdout.buffer.write(detail.body)
-        return
-    if as_json:
-        payload = console.to_jsonable(detail)
-        payload["body"] = detail.body.decode("utf-8", "replace")
-        console.emit_json(payload)
-        return
-    _print_detail(detail)
-
-
-def _print_detail(detail: models.EventDetail) -> None:
-    s = detail.summary
-    click.echo(f"event     {s.id}\nreceived  {console.format_time(s.received_at)} from {s.source}")
-    click.echo(f"bucket    {s.bucket}   input {s.input_id}")
-    click.echo(f"request   {s.method} {s.path or '/'}{'?' + detail.query if detail.query else ''}")
-    click.echo("headers")
-    for name, value in detail.headers:
-        click.echo(f"  {name}: {value}")
-    text = detail.body.decode("utf-8", "replace")
-    click.echo(f"body ({s.size} bytes)\n  {text[:4000]}{' …' if len(text) > 4000 else ''}")
-    click.echo("deliveries")
-    for d in s.deliveries:
-        click.echo(
-            f"  {d.id} {d.output}: {d.state}, attempts {d.attempts}"
-            + (f", last error: {d.last_error}" if d.last_error else "")
-            + (" (replay)" if d.replay else "")
-        )
-    click.echo("attempts")
-    for a in detail.attempts:
-        click.echo(
-            f"  #{a.attempt} {console.format_time(a.ended_at)} {a.outcome} by {a.agent}"
-            + (f": {a.error}" if a.error else "")
-        )
-
-
-@event.command("replay")
-@click.argument("event_id")
-@click.option("--output", default=None, help="Only this output (default: all).")
-@admin
-@click.pass_obj
-def event_replay(
-    state: cli.CliState, event_id: str, output: str | None, account_name: str, as_json: bool
-) -> None:
-    async def action(store: sql.SqlStore) -> list[str]:
-        created = await store.replay_event(
-            (await store.get_account(account_name)).id, event_id, output
-        )
-        await audited(store, "event.replay", f"event:{event_id}")
-        return created
-
-    created = cli.run_with_store(state, action)
-    if as_json:
-        console.emit_json({"event_id": event_id, "deliveries": created})
-    else:
-        click.echo(f"replaying event {event_id}: {len(created)} new delivery(ies)")
-
-
-# ---- dlq -------------------------------------------------------------------------------
-
-
-@click.group()
-def dlq() -> None:
-    """The dead-letter queue: deliveries that ran out of attempts or were rejected."""
-
-
-@dlq.command("list")
-@click.option("--bucket", "bucket_name", default=None)
-@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
-@admin
-@click.pass_obj
-def dlq_list(
-    state: cli.CliState, bucket_name: str | None, limit: int, account_name: str, as_json: bool
-) -> None:
-    async def action(store: sql.SqlStore) -> list[models.EventSummary]:
-        acct = await store.get_account(account_name)
-        bucket_id = (await store.get_bucket(acct.id, bucket_name)).id if bucket_name else None
-        return await store.list_events(
-            event_queries.EventFilter(
-                account_id=acct.id,
-                bucket_id=bucket_id,
-                state=models.DeliveryState.DEAD,
-                limit=limit,
-            )
-        )
-
-    found = cli.run_with_store(state, action)
-    if as_json:
-        console.emit_json(found)
-        return
-    rows = [
-        (
-            e.id,
-            console.format_time(e.received_at),
-            e.bucket,
-            d.output,
-            str(d.attempts),
-            (d.last_error or "")[:60],
-        )
-        for e in found
-        for d in e.deliveries
-        if d.state is models.DeliveryState.DEAD
-    ]
-    console.table(rows, ["EVENT", "RECEIVED", "BUCKET", "OUTPUT", "ATTEMPTS", "LAST ERROR"])
-
-
-@dlq.command("replay")
-@click.argument("event_id", required=False)
-@click.option("--bucket", "bucket_name", default=None, help="With --all: only this bucket.")
-@click.option("--all", "replay_all", is_flag=True, help="Replay every dead delivery.")
-@admin
-@click.pass_obj
-def dlq_replay(
-    state: cli.CliState,
-    event_id: str | None,
-    bucket_name: str | None,
-    replay_all: bool,
-    account_name: str,
-    as_json: bool,
-) -> None:
-    if bool(event_id) == replay_all:
-        raise click.UsageError("give one EVENT_ID, or --all (optionally with --bucket)")
-
-    async def action(store: sql.SqlStore) -> list[str]:
-        acct = await store.get_account(account_name)
-        if event_id:
-            dead = await store.dead_event_ids(acct.id, None, limit=1_000_000)
-            if event_id not in dead:
-                raise errors.NotFound(f"event {event_id} has no dead delivery")
-            created = await store.replay_event(acct.id, event_id)
-        else:
-            bucket_id = (await store.get_bucket(acct.id, bucket_name)).id if bucket_name else None
-            created = await store.replay_dead(acct.id, bucket_id)
-        await audited(
-            store,
-            "dlq.replay",
-            f"event:{event_id}" if event_id else f"bucket:{bucket_name or '*'}",
-            f"deliveries={len(created)}",
-        )
-        return created
-
-    created = cli.run_with_store(state, action)
-    if as_json:
-        console.emit_json({"deliveries": created})
-    else:
-        click.echo(f"replayed {len(created)} dead delivery(ies); they are queued again")

@@ -32,6 +32,24 @@ def format_duration_ms(ms: int) -> str:
     return f"{ms}ms"
 
 
+def format_bytes(size: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"  # unreachable
+
+
+def format_age_ms(ms: int) -> str:
+    """A rough age for people: '45s', '12m', '3h', '2d'."""
+    for unit in ("d", "h", "m", "s"):
+        if ms >= _UNIT_MS[unit]:
+            return f"{ms // _UNIT_MS[unit]}{unit}"
+    return f"{ms}ms"
+
+
 def format_time(value: dt.datetime | None) -> str:
     if value is None:
         return "-"

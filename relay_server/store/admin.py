@@ -128,6 +128,39 @@ async def bucket_counts(conn: AsyncConnection, bucket_id: str) -> dict[str, int]
     return counts
 
 
+async def account_counts(conn: AsyncConnection, account_id: str) -> dict[str, int]:
+    """Deliveries of the whole account by state (every state present, 0 if none)."""
+    by_state = await conn.execute(
+        sa.select(tables.deliveries.c.state, sa.func.count())
+        .join(OUT, OUT.c.id == tables.deliveries.c.output_id)
+        .join(B, B.c.id == OUT.c.bucket_id)
+        .where(B.c.account_id == account_id)
+        .group_by(tables.deliveries.c.state)
+    )
+    counts = {str(state): 0 for state in models.DeliveryState}
+    counts.update({str(state): int(n) for state, n in by_state})
+    return counts
+
+
+async def oldest_pending_ms(conn: AsyncConnection, account_id: str) -> int | None:
+    """received_at of the account's oldest event with a PENDING delivery, or None."""
+    E, D = tables.events, tables.deliveries
+    value = await conn.scalar(
+        sa.select(sa.func.min(E.c.received_at))
+        .select_from(D)
+        .join(E, E.c.id == D.c.event_id)
+        .join(B, B.c.id == E.c.bucket_id)
+        .where(B.c.account_id == account_id, D.c.state == models.DeliveryState.PENDING)
+    )
+    return None if value is None else int(value)
+
+
+async def schema_revision(conn: AsyncConnection) -> str | None:
+    """The Alembic revision the database is at."""
+    rows = await conn.execute(sa.text("SELECT version_num FROM alembic_version"))
+    return ",".join(str(row[0]) for row in rows) or None
+
+
 async def delete_bucket(conn: AsyncConnection, bucket: models.Bucket, *, force: bool) -> None:
     counts = await bucket_counts(conn, bucket.id)
     waiting = counts.get("pending", 0) + counts.get("leased", 0)

@@ -175,44 +175,87 @@ async def replay_event(
     return [str(row["id"]) for row in rows]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeadFilter:
+    """Which dead deliveries (still in the DLQ: not yet replaced by a replay) to pick."""
+
+    account_id: str
+    bucket_id: str | None = None
+    input_id: str | None = None
+    event_id: str | None = None
+    received_before_ms: int | None = None  # the event is older than this
+    received_after_ms: int | None = None  # the event is at least this recent
+    error: str | None = None  # case-insensitive substring of last_error
+    limit: int = 50
+
+
+def _dead_conditions(where: DeadFilter) -> list[sa.ColumnElement[bool]]:
+    conditions = [
+        B.c.account_id == where.account_id,
+        D.c.state == models.DeliveryState.DEAD,
+        D.c.replaced_by.is_(None),
+    ]
+    if where.bucket_id is not None:
+        conditions.append(OUT.c.bucket_id == where.bucket_id)
+    if where.input_id is not None:
+        conditions.append(E.c.input_id == where.input_id)
+    if where.event_id is not None:
+        conditions.append(D.c.event_id == where.event_id)
+    if where.received_before_ms is not None:
+        conditions.append(E.c.received_at < where.received_before_ms)
+    if where.received_after_ms is not None:
+        conditions.append(E.c.received_at >= where.received_after_ms)
+    if where.error:
+        conditions.append(D.c.last_error.icontains(where.error, autoescape=True))
+    return conditions
+
+
+def _dead_select(where: DeadFilter, *columns: Any) -> sa.Select[Any]:
+    return (
+        sa.select(*columns)
+        .select_from(D)
+        .join(OUT, OUT.c.id == D.c.output_id)
+        .join(B, B.c.id == OUT.c.bucket_id)
+        .join(E, E.c.id == D.c.event_id)
+        .where(*_dead_conditions(where))
+    )
+
+
+async def list_dead(conn: AsyncConnection, where: DeadFilter) -> list[models.EventSummary]:
+    """Events with a matching dead delivery, newest first (with all their deliveries)."""
+    query = (
+        sa.select(*_SUMMARY_COLUMNS)
+        .join(B, B.c.id == E.c.bucket_id)
+        .where(E.c.id.in_(_dead_select(where, D.c.event_id)))
+        .order_by(E.c.received_at.desc(), E.c.id.desc())
+        .limit(where.limit)
+    )
+    rows = (await conn.execute(query)).all()
+    deliveries = await _deliveries_of(conn, [row.id for row in rows])
+    return [_summary(row, deliveries.get(row.id, [])) for row in rows]
+
+
+async def dead_deliveries(conn: AsyncConnection, where: DeadFilter) -> list[tuple[str, str, str]]:
+    """(delivery id, event id, output name) of matching dead deliveries, oldest first."""
+    rows = await conn.execute(
+        _dead_select(where, D.c.id, D.c.event_id, OUT.c.name)
+        .order_by(D.c.created_at, D.c.id)
+        .limit(where.limit)
+    )
+    return [(row[0], row[1], row[2]) for row in rows]
+
+
 async def dead_event_ids(
     conn: AsyncConnection, account_id: str, bucket_id: str | None, limit: int
 ) -> list[str]:
-    query = (
-        sa.select(D.c.event_id)
-        .join(OUT, OUT.c.id == D.c.output_id)
-        .join(B, B.c.id == OUT.c.bucket_id)
-        .where(
-            B.c.account_id == account_id,
-            D.c.state == models.DeliveryState.DEAD,
-            D.c.replaced_by.is_(None),
-        )
-        .distinct()
-        .limit(limit)
-    )
-    if bucket_id is not None:
-        query = query.where(OUT.c.bucket_id == bucket_id)
+    where = DeadFilter(account_id=account_id, bucket_id=bucket_id, limit=limit)
+    query = _dead_select(where, D.c.event_id).distinct().limit(limit)
     return list((await conn.execute(query)).scalars())
 
 
-async def replay_dead(
-    conn: AsyncConnection, account_id: str, bucket_id: str | None, limit: int
-) -> list[str]:
-    """Replay every dead delivery (to its own output); returns the new delivery ids."""
-    rows = await conn.execute(
-        sa.select(D.c.event_id, OUT.c.name)
-        .join(OUT, OUT.c.id == D.c.output_id)
-        .join(B, B.c.id == OUT.c.bucket_id)
-        .where(
-            B.c.account_id == account_id,
-            D.c.state == models.DeliveryState.DEAD,
-            D.c.replaced_by.is_(None),
-            *([OUT.c.bucket_id == bucket_id] if bucket_id else []),
-        )
-        .order_by(D.c.created_at)
-        .limit(limit)
-    )
+async def replay_dead(conn: AsyncConnection, where: DeadFilter) -> list[str]:
+    """Replay every matching dead delivery (to its own output); returns the new delivery ids."""
     created: list[str] = []
-    for event_id, output in rows.all():
-        created += await replay_event(conn, account_id, event_id, output)
+    for _delivery_id, event_id, output in await dead_deliveries(conn, where):
+        created += await replay_event(conn, where.account_id, event_id, output)
     return created

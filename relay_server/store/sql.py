@@ -6,11 +6,25 @@ the write transaction where possible, so the single SQLite writer only does I/O.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import pathlib
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.engine import url as sa_url
 
 from relay_server import crypto, errors, models, retry
 from relay_server.store import admin, database, events, queue
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreStatus:
+    database_url: str  # password redacted
+    schema_revision: str | None
+    deliveries: dict[str, int]  # by state, across the account
+    oldest_pending_ms: int | None  # received_at of the oldest event still pending
+    database_files: dict[str, int]  # SQLite: path -> bytes (main file, -wal, -shm)
 
 
 class SqlStore:
@@ -166,14 +180,42 @@ class SqlStore:
             )
         )
 
-    async def replay_dead(
-        self, account_id: str, bucket_id: str | None, limit: int = 10_000
-    ) -> list[str]:
-        return await self.db.write(
-            functools.partial(
-                events.replay_dead, account_id=account_id, bucket_id=bucket_id, limit=limit
+    async def list_dead(self, where: events.DeadFilter) -> list[models.EventSummary]:
+        async with self.db.read() as conn:
+            return await events.list_dead(conn, where)
+
+    async def dead_deliveries(self, where: events.DeadFilter) -> list[tuple[str, str, str]]:
+        """(delivery id, event id, output) of the matching dead deliveries, oldest first."""
+        async with self.db.read() as conn:
+            return await events.dead_deliveries(conn, where)
+
+    async def replay_dead(self, where: events.DeadFilter) -> list[str]:
+        return await self.db.write(functools.partial(events.replay_dead, where=where))
+
+    # ---- status --------------------------------------------------------------------
+
+    async def status(self, account_id: str) -> StoreStatus:
+        async with self.db.read() as conn:
+            return StoreStatus(
+                database_url=database.redact_url(self.db.settings.url),
+                schema_revision=await admin.schema_revision(conn),
+                deliveries=await admin.account_counts(conn, account_id),
+                oldest_pending_ms=await admin.oldest_pending_ms(conn, account_id),
+                database_files=self.database_files(),
             )
-        )
+
+    def database_files(self) -> dict[str, int]:
+        """SQLite only: bytes of the database file and its -wal/-shm (those that exist)."""
+        settings = self.db.settings
+        name = sa_url.make_url(settings.url).database if settings.is_sqlite else None
+        if not name or name == ":memory:":
+            return {}
+        main = pathlib.Path(name)
+        found: dict[str, int] = {}
+        for path in (main, main.with_name(main.name + "-wal"), main.with_name(main.name + "-shm")):
+            with contextlib.suppress(FileNotFoundError):
+                found[str(path)] = path.stat().st_size
+        return found
 
     # ---- administration ------------------------------------------------------------
 
