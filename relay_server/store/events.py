@@ -245,14 +245,6 @@ async def dead_deliveries(conn: AsyncConnection, where: DeadFilter) -> list[tupl
     return [(row[0], row[1], row[2]) for row in rows]
 
 
-async def dead_event_ids(
-    conn: AsyncConnection, account_id: str, bucket_id: str | None, limit: int
-) -> list[str]:
-    where = DeadFilter(account_id=account_id, bucket_id=bucket_id, limit=limit)
-    query = _dead_select(where, D.c.event_id).distinct().limit(limit)
-    return list((await conn.execute(query)).scalars())
-
-
 async def replay_dead(conn: AsyncConnection, where: DeadFilter) -> list[str]:
     """Replay every matching dead delivery (to its own output); returns the new delivery ids."""
     created: list[str] = []

@@ -307,9 +307,3 @@ class SqlStore:
         await self.db.write(
             functools.partial(admin.revoke_token, account_id=account_id, key_id=key_id)
         )
-
-    async def dead_event_ids(
-        self, account_id: str, bucket_id: str | None, limit: int = 100
-    ) -> list[str]:
-        async with self.db.read() as conn:
-            return await events.dead_event_ids(conn, account_id, bucket_id, limit)

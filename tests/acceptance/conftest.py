@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
@@ -35,12 +36,12 @@ async def running(relay: harness.Relay) -> harness.Relay:
     return relay
 
 
-@pytest.fixture
-def agents(relay: harness.Relay):  # type: ignore[no-untyped-def]
+def _started(relay: harness.Relay, launch: Callable[..., harness.Agent]):  # type: ignore[no-untyped-def]
+    """A starter for agent processes; whatever still runs at the end is killed."""
     started: list[harness.Agent] = []
 
-    def start(forward: str, *extra: str, **options: str) -> harness.Agent:
-        agent = harness.start_agent(relay, forward, *extra, **options)
+    def start(*args: Any, **options: Any) -> harness.Agent:
+        agent = launch(relay, *args, **options)
         started.append(agent)
         return agent
 
@@ -48,3 +49,15 @@ def agents(relay: harness.Relay):  # type: ignore[no-untyped-def]
     for agent in started:
         if agent.proc.poll() is None:
             agent.kill()
+
+
+@pytest.fixture
+def agents(relay: harness.Relay):  # type: ignore[no-untyped-def]
+    """Start `relay-agent run --forward URL ...` (see harness.start_agent)."""
+    yield from _started(relay, harness.start_agent)
+
+
+@pytest.fixture
+def run_agent(relay: harness.Relay):  # type: ignore[no-untyped-def]
+    """Start `relay-agent ARGS...` (see harness.start_agent_args)."""
+    yield from _started(relay, harness.start_agent_args)

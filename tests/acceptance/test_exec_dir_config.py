@@ -12,10 +12,8 @@ import stat
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
 
 import multidict
-import pytest
 import yarl
 from aiohttp import ClientSession
 
@@ -27,22 +25,6 @@ async def post(url: str, body: bytes = b"{}", headers: object = None) -> int:
         async with session.post(yarl.URL(url, encoded=True), data=body, headers=headers) as resp:
             await resp.read()
             return resp.status
-
-
-@pytest.fixture
-def run_agent(relay: harness.Relay) -> Iterator[Callable[..., harness.Agent]]:
-    """Start `relay-agent ARGS...`; whatever still runs at the end is killed."""
-    started: list[harness.Agent] = []
-
-    def start(*args: str, **options: object) -> harness.Agent:
-        agent = harness.start_agent_args(relay, *args, **options)  # type: ignore[arg-type]
-        started.append(agent)
-        return agent
-
-    yield start
-    for agent in started:
-        if agent.proc.poll() is None:
-            agent.kill()
 
 
 def agent_args(relay: harness.Relay, *destination: str, name: str = "agent") -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
 
 import pytest
 import structlog
@@ -17,18 +16,6 @@ from relay_agent import logging as agent_logging
 
 BASE = ["run", "--server", "127.0.0.1:1", "--insecure", "--bucket", "b"]
 BASE += ["--forward", "http://127.0.0.1:9/"]
-
-
-@pytest.fixture(autouse=True)
-def clean_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in ("STOWHOOK_SERVER", "STOWHOOK_TOKEN", "STOWHOOK_TOKEN_FILE", "STOWHOOK_LOG_FORMAT"):
-        monkeypatch.delenv(name, raising=False)
-    handlers = logging.getLogger().handlers[:]
-    level = logging.getLogger().level
-    yield
-    structlog.reset_defaults()
-    logging.getLogger().handlers = handlers
-    logging.getLogger().setLevel(level)
 
 
 def invoke(*args: str) -> tuple[int, str]:
