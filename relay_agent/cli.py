@@ -108,6 +108,13 @@ def _log_options(command: _F) -> _F:
     metavar="NAME",
     help="Bucket to receive events from (repeat for several; required without -c).",
 )
+@click.option(
+    "--output",
+    default=settings.DEFAULT_OUTPUT,
+    show_default=True,
+    metavar="NAME",
+    help="Which of each bucket's outputs to consume (relay-server output list).",
+)
 @click.option("--forward", metavar="URL", help="Destination: forward each event to this URL.")
 @click.option(
     "--exec",
@@ -154,6 +161,26 @@ def _log_options(command: _F) -> _F:
 )
 @click.option("--insecure", is_flag=True, help="Plaintext gRPC without TLS (tests, loopback).")
 @click.option("--tls-server-name", help="Name to expect in the server's certificate.")
+@click.option(
+    "--keepalive-time",
+    "keepalive_time_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=settings.DEFAULT_KEEPALIVE_TIME_MS // 1000,
+    show_default=True,
+    metavar="SECONDS",
+    help="Ping the server after this long without activity on the connection. The server "
+    "must allow pings this often (relay-server serve --grpc-min-agent-ping).",
+)
+@click.option(
+    "--keepalive-timeout",
+    "keepalive_timeout_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=settings.DEFAULT_KEEPALIVE_TIMEOUT_MS // 1000,
+    show_default=True,
+    metavar="SECONDS",
+    help="Count the connection as dead, and reconnect, when a ping is not answered within "
+    "this: a path that silently drops packets is noticed after about time + timeout.",
+)
 @click.option("--name", "agent_name", help="Agent name shown by the server [default: hostname].")
 @click.option(
     "--metrics-listen",
@@ -224,10 +251,13 @@ def _flags_config(
     token: str | None,
     token_file: pathlib.Path | None,
     buckets: tuple[str, ...],
+    output: str,
     max_in_flight: int,
     ca_file: pathlib.Path | None,
     insecure: bool,
     tls_server_name: str | None,
+    keepalive_time_s: float,
+    keepalive_timeout_s: float,
     agent_name: str | None,
     **destination_options: Any,
 ) -> settings.AgentConfig:
@@ -242,10 +272,13 @@ def _flags_config(
         server=server,
         token=_token(token, token_file),
         buckets=buckets,
+        output=output,
         max_in_flight=max_in_flight,
         ca_file=ca_file,
         insecure=insecure,
         tls_server_name=tls_server_name,
+        keepalive_time_ms=settings.whole_ms(keepalive_time_s),
+        keepalive_timeout_ms=settings.whole_ms(keepalive_timeout_s),
         **extra,
     )
     subscription = settings.Subscription(agent=agent_settings, destination=destination)

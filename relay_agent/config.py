@@ -67,9 +67,12 @@ SHARED_KEYS = frozenset(
         "insecure",
         "tls_server_name",
         "name",
+        "output",
         "max_in_flight",
         "timeout",
         "shutdown_grace",
+        "keepalive_time",
+        "keepalive_timeout",
     }
 )
 METRICS_LISTEN = "metrics_listen"  # top level only: one listener per process
@@ -247,17 +250,18 @@ class _Reader:
         )
 
     def _check_buckets_unique(self, subscriptions: tuple[settings.Subscription, ...]) -> None:
-        owner: dict[str, str] = {}
+        owner: dict[tuple[str, str], str] = {}
         for index, subscription in enumerate(subscriptions):
+            output = subscription.agent.output
             for bucket in subscription.agent.buckets:
-                if bucket in owner:
+                if (bucket, output) in owner:
                     raise self._error(
                         (SUBSCRIPTION, index),
                         "bucket",
-                        f"{bucket!r} is already in {owner[bucket]}: "
-                        "give each bucket to one subscription",
+                        f"{bucket!r} (output {output!r}) is already in "
+                        f"{owner[bucket, output]}: give each bucket to one subscription",
                     )
-                owner[bucket] = subscription.label
+                owner[bucket, output] = subscription.label
 
     # ---- the connection and the stream ----------------------------------------------
 
@@ -270,10 +274,15 @@ class _Reader:
         extra: dict[str, Any] = {}
         if (name := self._string(merged, "name")) is not None:
             extra["agent_name"] = name
+        if (output := self._string(merged, "output")) is not None:
+            extra["output"] = output
         if (ca_file := self._string(merged, "ca_file")) is not None:
             extra["ca_file"] = self._path(ca_file)
         if (grace := self._number(merged, "shutdown_grace", minimum=0.0)) is not None:
             extra["shutdown_grace_s"] = grace
+        for key in ("keepalive_time", "keepalive_timeout"):
+            if (seconds := self._number(merged, key, minimum=0.0, exclusive=True)) is not None:
+                extra[f"{key}_ms"] = settings.whole_ms(seconds)
         limit = settings.MAX_IN_FLIGHT_LIMIT
         if (max_in_flight := self._integer(merged, "max_in_flight", 1, limit)) is not None:
             extra["max_in_flight"] = max_in_flight

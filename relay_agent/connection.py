@@ -32,6 +32,8 @@ CLOSE_TIMEOUT_S = 5.0
 _MAX_FRAMES_PER_BATCH = 1000
 _MAX_REASON_CHARS = 1000
 _UINT32_MAX = 2**32 - 1
+# GRPC_ARG_PING_TIMEOUT_MS, from grpc-core's chttp2 transport (not in the public headers).
+PING_TIMEOUT_OPTION = "grpc.http2.ping_timeout_ms"
 
 Incoming: TypeAlias = models.Delivery | models.LeaseLost
 
@@ -159,6 +161,9 @@ def make_channel(agent_settings: settings.AgentSettings) -> grpc.aio.Channel:
     options: list[tuple[str, str | int]] = [
         ("grpc.keepalive_time_ms", agent_settings.keepalive_time_ms),
         ("grpc.keepalive_timeout_ms", agent_settings.keepalive_timeout_ms),
+        # grpc-core waits for a ping's ACK up to this (default: 1 minute) whatever the
+        # keepalive timeout says: without it a dead path is noticed a minute late.
+        (PING_TIMEOUT_OPTION, agent_settings.keepalive_timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
@@ -175,6 +180,7 @@ def make_channel(agent_settings: settings.AgentSettings) -> grpc.aio.Channel:
 def subscribe_message(agent_settings: settings.AgentSettings) -> relay_pb2.AgentMessage:
     subscribe = relay_pb2.Subscribe(
         buckets=agent_settings.buckets,
+        output=agent_settings.output,
         max_in_flight=agent_settings.max_in_flight,
         agent_name=agent_settings.agent_name,
         version=relay_agent.__version__,

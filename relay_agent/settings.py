@@ -18,11 +18,14 @@ from typing import TypeAlias
 from relay_agent import errors
 
 DEFAULT_MAX_IN_FLIGHT = 16
+DEFAULT_OUTPUT = "default"  # every bucket has one; `relay-server output create` adds more
 MAX_IN_FLIGHT_LIMIT = 10_000
 # gRPC keepalive: ping the server after this long without activity on the connection...
+# The server must accept pings this often (relay-server serve --grpc-min-agent-ping).
 DEFAULT_KEEPALIVE_TIME_MS = 20_000
-# ...and count the connection as dead if the ping is not answered within this.
-# The server must accept pings this often (grpc.http2.min_recv_ping_interval_without_data_ms).
+# ...and count the connection as dead, and reconnect, if the ping is not answered within
+# this. A path that silently drops packets (a NAT entry gone, a pulled cable) is noticed
+# within about keepalive time + keepalive timeout; TCP alone would take many minutes.
 DEFAULT_KEEPALIVE_TIMEOUT_MS = 10_000
 # On stop, in-flight deliveries get this long to finish before they are NACKed.
 DEFAULT_SHUTDOWN_GRACE_S = 30.0
@@ -61,6 +64,11 @@ class ReconnectPolicy:
             )
 
 
+def whole_ms(seconds: float) -> int:
+    """Seconds, as given in a flag or the config file, in whole milliseconds (at least 1)."""
+    return max(1, round(seconds * 1000))
+
+
 def reconnect_delay(policy: ReconnectPolicy, failures: int, rand: float) -> float:
     """Seconds to wait before the next attempt, after `failures` consecutive failures.
 
@@ -87,6 +95,7 @@ class AgentSettings:
     server: str  # "host:port" of the server's gRPC listener
     token: str = dataclasses.field(repr=False)  # "<key_id>.<secret>"; never logged
     buckets: tuple[str, ...]
+    output: str = DEFAULT_OUTPUT  # which of each bucket's outputs to consume
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     agent_name: str = dataclasses.field(default_factory=socket.gethostname)
     ca_file: pathlib.Path | None = None  # PEM roots to trust instead of the system's
@@ -101,6 +110,8 @@ class AgentSettings:
         check_server_address(self.server)
         check_token(self.token)
         _check_buckets(self.buckets)
+        if not self.output or self.output != self.output.strip() or len(self.output) > 100:
+            raise errors.ConfigError(f"invalid output name {self.output!r}")
         _check_range("max_in_flight", self.max_in_flight, 1, MAX_IN_FLIGHT_LIMIT)
         _check_range("keepalive_time_ms", self.keepalive_time_ms, 1, 2**31 - 1)
         _check_range("keepalive_timeout_ms", self.keepalive_timeout_ms, 1, 2**31 - 1)
@@ -226,16 +237,17 @@ class AgentConfig:
             check_server_address(self.metrics_listen)
         if not self.subscriptions:
             raise errors.ConfigError("configure at least one subscription")
-        owner: dict[str, str] = {}
+        owner: dict[tuple[str, str], str] = {}
         for index, subscription in enumerate(self.subscriptions):
             label = subscription.label or f"subscription[{index}]"
+            output = subscription.agent.output
             for bucket in subscription.agent.buckets:
-                if bucket in owner:
+                if (bucket, output) in owner:
                     raise errors.ConfigError(
-                        f"bucket {bucket!r} is in both {owner[bucket]} and {label}: "
-                        "give each bucket to one subscription"
+                        f"bucket {bucket!r} (output {output!r}) is in both "
+                        f"{owner[bucket, output]} and {label}: give each bucket to one subscription"
                     )
-                owner[bucket] = label
+                owner[bucket, output] = label
 
 
 def check_server_address(server: str) -> None:

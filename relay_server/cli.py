@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import click
 
-from relay_server import __version__, crypto, errors, settings
+from relay_server import __version__, console, crypto, errors, settings
 from relay_server import logging as relay_logging
 from relay_server.store import database, sql
 
@@ -213,6 +213,29 @@ def main(
     help="Require agent certificates signed by this CA (mTLS).",
 )
 @click.option(
+    "--grpc-keepalive-time",
+    envvar="STOWHOOK_GRPC_KEEPALIVE_TIME",
+    default=console.format_duration_ms(settings.DEFAULT_KEEPALIVE_TIME_MS),
+    show_default=True,
+    help="Ping an agent after this long without activity on its connection.",
+)
+@click.option(
+    "--grpc-keepalive-timeout",
+    envvar="STOWHOOK_GRPC_KEEPALIVE_TIMEOUT",
+    default=console.format_duration_ms(settings.DEFAULT_KEEPALIVE_TIMEOUT_MS),
+    show_default=True,
+    help="Drop an agent whose ping is not answered within this; its leases go back to "
+    "the queue. A silently dead path is noticed after about time + timeout.",
+)
+@click.option(
+    "--grpc-min-agent-ping",
+    envvar="STOWHOOK_GRPC_MIN_AGENT_PING",
+    default=console.format_duration_ms(settings.DEFAULT_MIN_AGENT_PING_MS),
+    show_default=True,
+    help="Shortest interval allowed between an agent's keepalive pings (agents pinging "
+    "more often are disconnected): at most the agents' --keepalive-time.",
+)
+@click.option(
     "--sqlite-synchronous",
     envvar="STOWHOOK_SQLITE_SYNCHRONOUS",
     default="FULL",
@@ -237,6 +260,12 @@ def main(
     help="How often idle streams look for retries that came due.",
 )
 @click.option(
+    "--retention-interval",
+    default="1m",
+    show_default=True,
+    help="How often the cleaner deletes what the buckets' retention lets go.",
+)
+@click.option(
     "--migrate/--no-migrate",
     default=True,
     show_default=True,
@@ -245,7 +274,7 @@ def main(
 @click.pass_obj
 def serve(state: CliState, /, **options: Any) -> None:
     """Run the relay: webhook ingress (HTTP) and agent streams (gRPC)."""
-    from relay_server import console, retry, server
+    from relay_server import retry, server
 
     with reported_errors():
         config = settings.ServerSettings(
@@ -264,10 +293,14 @@ def serve(state: CliState, /, **options: Any) -> None:
                 tls_cert=options["grpc_tls_cert"],
                 tls_key=options["grpc_tls_key"],
                 tls_client_ca=options["grpc_tls_client_ca"],
+                keepalive_time_ms=console.parse_duration_ms(options["grpc_keepalive_time"]),
+                keepalive_timeout_ms=console.parse_duration_ms(options["grpc_keepalive_timeout"]),
+                min_agent_ping_ms=console.parse_duration_ms(options["grpc_min_agent_ping"]),
             ),
             dispatch=settings.DispatchSettings(
                 lease_ms=options["lease_ms"],
                 poll_interval_s=console.parse_duration_ms(options["poll_interval"]) / 1000,
+                clean_interval_s=console.parse_duration_ms(options["retention_interval"]) / 1000,
                 retry=retry.RetryPolicy(
                     initial_ms=console.parse_duration_ms(options["retry_initial"]),
                     cap_ms=console.parse_duration_ms(options["retry_cap"]),
@@ -307,8 +340,9 @@ def migrate(state: CliState) -> None:
     click.echo("database schema is up to date")
 
 
-from relay_server import cli_admin, cli_events, cli_setup  # noqa: E402  (commands register on `main`)
+from relay_server import cli_admin, cli_buckets, cli_events, cli_setup  # noqa: E402  (commands register on `main`)
 
 cli_setup.register(main)
 cli_admin.register(main)
+cli_buckets.register(main)
 cli_events.register(main)

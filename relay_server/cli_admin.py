@@ -1,4 +1,4 @@
-"""Administration commands: account, token, bucket, input, event, dlq, status.
+"""Administration commands: account, token, input (bucket and output: cli_buckets).
 
 Each prints a table by default and JSON with --json. Every change is audited.
 """
@@ -13,12 +13,11 @@ from typing import Any
 import click
 
 from relay_server import auth, cli, console, models
-from relay_server.cli_setup import bucket_defaults
 from relay_server.store import sql
 
 
 def register(group: click.Group) -> None:
-    for command in (account, token, bucket, input_):
+    for command in (account, token, input_):
         group.add_command(command)
 
 
@@ -173,124 +172,6 @@ def token_revoke(state: cli.CliState, key_id: str, account_name: str, as_json: b
 
     cli.run_with_store(state, action)
     console.emit_json({"revoked": key_id}) if as_json else click.echo(f"revoked token {key_id}")
-
-
-# ---- bucket ----------------------------------------------------------------------------
-
-
-@click.group()
-def bucket() -> None:
-    """Groups of inputs with one retry and retention policy."""
-
-
-@bucket.command("create")
-@click.argument("name")
-@click.option("--max-attempts", type=click.IntRange(1, 10_000), default=60, show_default=True)
-@click.option(
-    "--max-age",
-    default="48h",
-    show_default=True,
-    help="Dead-letter a delivery this long after its first attempt.",
-)
-@click.option("--retention", default="7d", show_default=True, help="Keep events this long.")
-@admin
-@click.pass_obj
-def bucket_create(
-    state: cli.CliState,
-    name: str,
-    max_attempts: int,
-    max_age: str,
-    retention: str,
-    account_name: str,
-    as_json: bool,
-) -> None:
-    policy = {
-        **bucket_defaults(),
-        "max_attempts": max_attempts,
-        "max_age_ms": console.parse_duration_ms(max_age),
-        "retention_ms": console.parse_duration_ms(retention),
-    }
-
-    async def action(store: sql.SqlStore) -> models.Bucket:
-        acct = await store.get_account(account_name)
-        created = await store.create_bucket(acct.id, name, **policy)
-        await audited(store, "bucket.create", f"bucket:{name}")
-        return created
-
-    created = cli.run_with_store(state, action)
-    console.emit_json(created) if as_json else click.echo(f"created bucket {created.name}")
-
-
-def _bucket_row(b: models.Bucket) -> tuple[str, ...]:
-    return (
-        b.name,
-        str(b.max_attempts),
-        console.format_duration_ms(b.max_age_ms),
-        console.format_duration_ms(b.retention_ms),
-        console.format_time(b.created_at),
-    )
-
-
-@bucket.command("list")
-@admin
-@click.pass_obj
-def bucket_list(state: cli.CliState, account_name: str, as_json: bool) -> None:
-    async def action(store: sql.SqlStore) -> list[models.Bucket]:
-        return await store.list_buckets((await store.get_account(account_name)).id)
-
-    found = cli.run_with_store(state, action)
-    if as_json:
-        console.emit_json(found)
-        return
-    console.table(
-        [_bucket_row(b) for b in found], ["NAME", "MAX ATTEMPTS", "MAX AGE", "RETENTION", "CREATED"]
-    )
-
-
-@bucket.command("show")
-@click.argument("name")
-@admin
-@click.pass_obj
-def bucket_show(state: cli.CliState, name: str, account_name: str, as_json: bool) -> None:
-    async def action(store: sql.SqlStore) -> tuple[models.Bucket, dict[str, int], list[Any]]:
-        acct = await store.get_account(account_name)
-        found = await store.get_bucket(acct.id, name)
-        return (
-            found,
-            await store.bucket_counts(found.id),
-            await store.list_inputs(acct.id, found.id),
-        )
-
-    found, counts, inputs = cli.run_with_store(state, action)
-    urls = [f"{state.public_base()}/in/{i.id}" for i, _ in inputs]
-    if as_json:
-        console.emit_json({**console.to_jsonable(found), "counts": counts, "input_urls": urls})
-        return
-    console.table([_bucket_row(found)], ["NAME", "MAX ATTEMPTS", "MAX AGE", "RETENTION", "CREATED"])
-    click.echo(
-        "\ndeliveries: "
-        + ", ".join(f"{s} {counts.get(s, 0)}" for s in models.DeliveryState)
-        + f"; events {counts['events']}"
-    )
-    for url in urls:
-        click.echo(f"input: {url}")
-
-
-@bucket.command("delete")
-@click.argument("name")
-@click.option("--force", is_flag=True, help="Delete even with undelivered events.")
-@admin
-@click.pass_obj
-def bucket_delete(
-    state: cli.CliState, name: str, force: bool, account_name: str, as_json: bool
-) -> None:
-    async def action(store: sql.SqlStore) -> None:
-        found = await store.get_bucket((await store.get_account(account_name)).id, name)
-        await store.delete_bucket(found, force=force)
-        await audited(store, "bucket.delete", f"bucket:{name}", "force" if force else None)
-
-    cli.run_with_store(state, action)
-    console.emit_json({"deleted": name}) if as_json else click.echo(f"deleted bucket {name}")
 
 
 # ---- input -----------------------------------------------------------------------------

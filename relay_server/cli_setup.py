@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from relay_server import auth, cli, console, crypto, errors, models, settings
+from relay_server import auth, cli, crypto, errors, models, settings
 from relay_server.store import sql
 
 QUICKSTART_BUCKET = "quickstart"
@@ -110,15 +110,7 @@ async def _ensure_bucket(store: sql.SqlStore, account: models.Account) -> models
     try:
         return await store.get_bucket(account.id, QUICKSTART_BUCKET)
     except errors.NotFound:
-        return await store.create_bucket(account.id, QUICKSTART_BUCKET, **bucket_defaults())
-
-
-def bucket_defaults() -> dict[str, int]:
-    return {
-        "max_attempts": 60,
-        "max_age_ms": console.parse_duration_ms("48h"),
-        "retention_ms": console.parse_duration_ms("7d"),
-    }
+        return await store.create_bucket(account.id, QUICKSTART_BUCKET, models.BucketPolicy())
 
 
 async def _ensure_token(

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import hashlib
 from dataclasses import dataclass
 
-from relay_server import ids, retry
+from relay_server import ids
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -29,6 +30,39 @@ class Outcome(enum.StrEnum):
 
 class OutputKind(enum.StrEnum):
     AGENT = "agent"  # consumed by agents over the stream
+
+
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+
+# Headers whose value names one provider event; a bucket deduplicates on the first present.
+DEFAULT_DEDUP_HEADERS = ("X-Provider-Event-Id",)
+DEDUP_PRESETS = {
+    "github": "X-GitHub-Delivery",
+    "shopify": "X-Shopify-Webhook-Id",
+    "standard-webhooks": "webhook-id",
+    "svix": "svix-id",
+}
+MAX_DEDUP_HEADERS = 8
+MAX_DEDUP_VALUE = 1024  # longer values are not ids: such a request is not deduplicated
+
+
+def dedup_key(names: tuple[str, ...], headers: Headers) -> str | None:
+    """The bucket-local identity of a provider event, or None when it carries none.
+
+    The first of `names` (case-insensitive) present with a non-empty value wins; the
+    stored key is a SHA-256 of header name and value, so no header value is kept in clear.
+    """
+    if not names:
+        return None
+    present: dict[str, str] = {}
+    for name, value in headers:
+        present.setdefault(name.lower(), value)
+    for name in names:
+        value = present.get(name.lower(), "").strip()
+        if value and len(value) <= MAX_DEDUP_VALUE:
+            return hashlib.sha256(f"{name.lower()}\n{value}".encode()).hexdigest()
+    return None
 
 
 def from_ms(value: int) -> dt.datetime:
@@ -65,23 +99,37 @@ class Account:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class BucketPolicy:
+    """How a bucket retries, keeps and deduplicates its events."""
+
+    max_attempts: int = 60
+    max_age_ms: int = 48 * HOUR_MS  # dead-letter this long after the first attempt
+    retention_ms: int = 7 * DAY_MS  # events older than this are deleted once settled
+    dlq_retention_ms: int = 7 * DAY_MS  # dead deliveries are kept this long after dying
+    dedup_headers: tuple[str, ...] = DEFAULT_DEDUP_HEADERS  # () turns deduplication off
+    dedup_window_ms: int = DAY_MS
+
+    def __post_init__(self) -> None:
+        if len(self.dedup_headers) > MAX_DEDUP_HEADERS:
+            raise ValueError(f"at most {MAX_DEDUP_HEADERS} dedup headers")
+        for name, value in (
+            ("max_attempts", self.max_attempts),
+            ("max_age_ms", self.max_age_ms),
+            ("retention_ms", self.retention_ms),
+            ("dlq_retention_ms", self.dlq_retention_ms),
+            ("dedup_window_ms", self.dedup_window_ms),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be positive")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Bucket:
     id: str
     account_id: str
     name: str
-    max_attempts: int
-    max_age_ms: int
-    retention_ms: int
+    policy: BucketPolicy
     created_at: dt.datetime
-
-    def retry_policy(self, base: retry.RetryPolicy) -> retry.RetryPolicy:
-        return retry.RetryPolicy(
-            initial_ms=base.initial_ms,
-            factor=base.factor,
-            cap_ms=base.cap_ms,
-            max_attempts=self.max_attempts,
-            max_age_ms=self.max_age_ms,
-        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,6 +147,8 @@ class Output:
     bucket_id: str
     name: str
     kind: OutputKind
+    ordered: bool  # one delivery in flight at a time, oldest first
+    created_at: dt.datetime
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,7 +1,8 @@
-"""Returns expired leases to the queue on a timer, and once at start-up.
+"""Housekeeping on timers: expired leases back to the queue; retention.
 
 An expired lease counts as a failed attempt, so a poison event that kills its agent
-ends in the dead-letter queue instead of looping forever.
+ends in the dead-letter queue instead of looping forever. The retention cleaner deletes
+what the buckets' retention rules say may go (relay_server.store.retention).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from relay_server.store import sql
 log = structlog.get_logger(__name__)
 
 
-class LeaseReaper:
+class Periodic:
+    """Runs `once()` now and then every `interval_s` until stopped."""
+
     def __init__(self, store: sql.SqlStore, interval_s: float) -> None:
         self._store = store
         self._interval_s = interval_s
@@ -28,11 +31,16 @@ class LeaseReaper:
 
     async def run(self) -> None:
         while not self._stop.is_set():
-            await self.reap_once()
+            await self.once()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self._interval_s)
 
-    async def reap_once(self) -> int:
+    async def once(self) -> int:
+        raise NotImplementedError
+
+
+class LeaseReaper(Periodic):
+    async def once(self) -> int:
         try:
             expired = await self._store.reap()
         except errors.StorageError as exc:
@@ -41,3 +49,15 @@ class LeaseReaper:
         for lease_id in expired:
             log.info("lease_expired", lease_id=lease_id)
         return len(expired)
+
+
+class RetentionCleaner(Periodic):
+    async def once(self) -> int:
+        try:
+            removed = await self._store.clean()
+        except errors.StorageError as exc:
+            log.warning("retention_failed", error=str(exc))
+            return 0
+        if any(removed.values()):
+            log.info("retention_cleaned", **removed)
+        return sum(removed.values())

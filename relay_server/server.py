@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import grpc
 import structlog
@@ -57,7 +58,10 @@ class RelayServer:
             log.info("server_stopped")
 
     async def _serve(self, on_ready: Callable[[RelayServer], None] | None) -> None:
-        lease_reaper = reaper.LeaseReaper(self.store, self.config.dispatch.reap_interval_s)
+        housekeeping = [
+            reaper.LeaseReaper(self.store, self.config.dispatch.reap_interval_s),
+            reaper.RetentionCleaner(self.store, self.config.dispatch.clean_interval_s),
+        ]
         servicer = servicer_mod.AgentRelayServicer(
             store=self.store,
             hub=self.hub,
@@ -79,14 +83,16 @@ class RelayServer:
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
         await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         app[ingress_app.GRPC_SERVING][0] = True
-        side = asyncio.create_task(lease_reaper.run(), name="lease-reaper")
+        side = asyncio.create_task(
+            _run_all([job.run() for job in housekeeping]), name="housekeeping"
+        )
         log.info("server_started", http_port=self.http_port, grpc_port=self.grpc_port)
         if on_ready is not None:
             on_ready(self)
         try:
             await self._wait(side)
         finally:
-            await self._shutdown(app, runner, servicer, health, grpc_server, lease_reaper, side)
+            await self._shutdown(app, runner, servicer, health, grpc_server, housekeeping, side)
 
     async def _wait(self, side: asyncio.Task[None]) -> None:
         stopper = asyncio.create_task(self._stop.wait(), name="stop-signal")
@@ -104,7 +110,7 @@ class RelayServer:
         servicer: servicer_mod.AgentRelayServicer,
         health: health_async.HealthServicer,
         grpc_server: grpc.aio.Server,
-        lease_reaper: reaper.LeaseReaper,
+        housekeeping: list[reaper.Periodic],
         side: asyncio.Task[None],
     ) -> None:
         log.info("server_stopping")
@@ -117,7 +123,8 @@ class RelayServer:
         servicer.stop_sessions()
         await servicer.wait_closed(timeout_s=5.0)
         await grpc_server.stop(grace=2.0)
-        lease_reaper.stop()
+        for job in housekeeping:
+            job.stop()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(side, 5.0)
 
@@ -140,6 +147,9 @@ class RelayServer:
             options=[
                 ("grpc.keepalive_time_ms", g.keepalive_time_ms),
                 ("grpc.keepalive_timeout_ms", g.keepalive_timeout_ms),
+                # grpc-core's own wait for a ping ACK (GRPC_ARG_PING_TIMEOUT_MS) defaults
+                # to a minute whatever keepalive_timeout says: align it.
+                ("grpc.http2.ping_timeout_ms", g.keepalive_timeout_ms),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", g.min_agent_ping_ms),
                 ("grpc.http2.max_pings_without_data", 0),
@@ -176,3 +186,7 @@ class RelayServer:
         if port == 0:
             raise OSError(f"cannot listen for gRPC on {g.listen}")
         return int(port)
+
+
+async def _run_all(jobs: list[Coroutine[Any, Any, None]]) -> None:
+    await asyncio.gather(*jobs)

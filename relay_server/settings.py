@@ -13,6 +13,10 @@ DEFAULT_MAX_BODY_BYTES = 10 * MIB
 DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"
 DEFAULT_GRPC_LISTEN = "127.0.0.1:50051"
 DEFAULT_LEASE_MS = 30_000
+# gRPC keepalive (see GrpcSettings): a dead agent path is noticed within time + timeout.
+DEFAULT_KEEPALIVE_TIME_MS = 20_000
+DEFAULT_KEEPALIVE_TIMEOUT_MS = 10_000
+DEFAULT_MIN_AGENT_PING_MS = 10_000
 
 
 def parse_listen(text: str, what: str) -> tuple[str, int]:
@@ -52,11 +56,11 @@ class GrpcSettings:
     tls_key: pathlib.Path | None = None
     tls_client_ca: pathlib.Path | None = None  # require client certificates signed by it
     # Keepalive: ping an idle agent every keepalive_time_ms and drop it when no answer
-    # arrives within keepalive_timeout_ms. Agents may ping as often as every
-    # min_agent_ping_ms.
-    keepalive_time_ms: int = 20_000
-    keepalive_timeout_ms: int = 10_000
-    min_agent_ping_ms: int = 10_000
+    # arrives within keepalive_timeout_ms (its leases go back to the queue). Agents may
+    # ping as often as every min_agent_ping_ms; one that pings more often is disconnected.
+    keepalive_time_ms: int = DEFAULT_KEEPALIVE_TIME_MS
+    keepalive_timeout_ms: int = DEFAULT_KEEPALIVE_TIMEOUT_MS
+    min_agent_ping_ms: int = DEFAULT_MIN_AGENT_PING_MS
     max_connections: int = 1000
     max_in_flight: int = 1000  # credit cap per stream, whatever the agent asks
     default_in_flight: int = 16
@@ -68,6 +72,12 @@ class GrpcSettings:
             raise errors.ConfigError("TLS needs both --grpc-tls-cert and --grpc-tls-key")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise errors.ConfigError("--grpc-tls-client-ca needs --grpc-tls-cert/--grpc-tls-key")
+        keepalive = (self.keepalive_time_ms, self.keepalive_timeout_ms, self.min_agent_ping_ms)
+        if not all(1 <= ms < 2**31 for ms in keepalive):
+            raise errors.ConfigError(
+                "--grpc-keepalive-time, --grpc-keepalive-timeout and --grpc-min-agent-ping "
+                "must each be longer than 0 and shorter than 24 days"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,6 +86,7 @@ class DispatchSettings:
     max_extend_ms: int = 10 * 60_000  # the longest single Extend honoured
     poll_interval_s: float = 1.0  # sessions look for due retries at least this often
     reap_interval_s: float = 1.0
+    clean_interval_s: float = 60.0  # how often the retention cleaner runs
     max_batch_bytes: int = MIB  # deliveries packed into one frame up to this many body bytes
     retry: retry.RetryPolicy = field(default_factory=retry.RetryPolicy)
 

@@ -37,6 +37,8 @@ HOP_BY_HOP_HEADERS = frozenset(
 )
 EVENT_ID_HEADER = "X-Stowhook-Event-Id"
 ATTEMPT_HEADER = "X-Stowhook-Attempt"
+REPLAY_HEADER = "X-Stowhook-Replay"  # "1" when an operator replayed a stored event
+OUR_PREFIX = "x-stowhook-"  # a sender's headers with this prefix are dropped, never forwarded
 # Headers aiohttp adds on its own unless told not to; the event decides whether they exist.
 _AUTO_HEADERS = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
 MAX_RETRY_AFTER_MS = 3_600_000  # a target cannot park an event for more than an hour
@@ -77,6 +79,8 @@ class HttpDestination:
     async def _request(self, delivery: models.Delivery) -> models.Outcome:
         headers = forwarded_headers(delivery.headers)
         headers += [(EVENT_ID_HEADER, delivery.event_id), (ATTEMPT_HEADER, str(delivery.attempt))]
+        if delivery.replay:
+            headers.append((REPLAY_HEADER, "1"))
         async with self._client().request(
             delivery.method,
             yarl.URL(target_url(self._settings.url, delivery.path, delivery.query), encoded=True),
@@ -114,11 +118,15 @@ def forwarded_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str
     """The event's headers minus hop-by-hop ones (also those named by Connection)
     and any that pretend to be ours; order and duplicates kept."""
     headers = list(headers)
-    dropped = set(HOP_BY_HOP_HEADERS) | {EVENT_ID_HEADER.lower(), ATTEMPT_HEADER.lower()}
+    dropped = set(HOP_BY_HOP_HEADERS)
     for name, value in headers:
         if name.lower() == "connection":
             dropped.update(token.strip().lower() for token in value.split(","))
-    return [(name, value) for name, value in headers if name.lower() not in dropped]
+    return [
+        (name, value)
+        for name, value in headers
+        if name.lower() not in dropped and not name.lower().startswith(OUR_PREFIX)
+    ]
 
 
 def missing_auto_headers(headers: Iterable[tuple[str, str]]) -> list[str]:

@@ -34,6 +34,9 @@ PROBE_CACHE_S = 1.0  # a flood of /readyz costs one write probe per second
 PROBE_TIMEOUT_S = 2.0  # longer than this to get the write lock counts as not writable
 
 RETRY_AFTER_S = "5"
+# A webhook whose provider event id was seen within the bucket's dedup window: answered 200,
+# stored nowhere, and this header names the event that holds the id.
+DUPLICATE_HEADER = "X-Stowhook-Duplicate-Of"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -114,12 +117,15 @@ async def _receive(request: web.Request) -> web.StreamResponse:
     event = _incoming(request, route, body)
     structlog.contextvars.bind_contextvars(event_id=event.id)
     try:
-        await app[STORE].ingest(event)
+        original = await app[STORE].ingest(event)
     except errors.StorageError as exc:
         log.warning("event_not_stored", error=str(exc), **event.log_context())
         return web.Response(
             status=503, text="try again later\n", headers={"Retry-After": RETRY_AFTER_S}
         )
+    if original is not None:
+        log.info("event_duplicate", duplicate_of=original, **event.log_context())
+        return _empty(200, **{DUPLICATE_HEADER: original})
     app[HUB].notify(route.output_ids)
     log.info("event_received", method=event.method, **event.log_context())
     return _empty(200)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import types
 from collections.abc import Sequence
 from typing import Any
@@ -26,11 +28,22 @@ def bucket_from_row(row: Any) -> models.Bucket:
         id=row.id,
         account_id=row.account_id,
         name=row.name,
-        max_attempts=row.max_attempts,
-        max_age_ms=row.max_age_ms,
-        retention_ms=row.retention_ms,
+        policy=models.BucketPolicy(
+            max_attempts=row.max_attempts,
+            max_age_ms=row.max_age_ms,
+            retention_ms=row.retention_ms,
+            dlq_retention_ms=row.dlq_retention_ms,
+            dedup_headers=tuple(json.loads(row.dedup_headers)),
+            dedup_window_ms=row.dedup_window_ms,
+        ),
         created_at=models.from_ms(row.created_at),
     )
+
+
+def policy_columns(policy: models.BucketPolicy) -> dict[str, object]:
+    columns = dataclasses.asdict(policy)
+    columns["dedup_headers"] = json.dumps(list(policy.dedup_headers))
+    return columns
 
 
 def input_from_row(row: Any) -> models.Input:
@@ -66,10 +79,7 @@ async def create_bucket(
     conn: AsyncConnection,
     account_id: str,
     name: str,
-    *,
-    max_attempts: int,
-    max_age_ms: int,
-    retention_ms: int,
+    policy: models.BucketPolicy,
 ) -> models.Bucket:
     exists = sa.select(B.c.id).where(B.c.account_id == account_id, B.c.name == name)
     if (await conn.execute(exists)).first():
@@ -79,9 +89,7 @@ async def create_bucket(
         "id": ids.new_id(),
         "account_id": account_id,
         "name": name,
-        "max_attempts": max_attempts,
-        "max_age_ms": max_age_ms,
-        "retention_ms": retention_ms,
+        **policy_columns(policy),
         "created_at": now,
     }
     await conn.execute(B.insert().values(**row))
@@ -91,10 +99,19 @@ async def create_bucket(
             bucket_id=row["id"],
             name=DEFAULT_OUTPUT,
             kind=models.OutputKind.AGENT,
+            ordered=False,
             created_at=now,
         )
     )
     return bucket_from_row(types.SimpleNamespace(**row))
+
+
+async def update_bucket(
+    conn: AsyncConnection, bucket: models.Bucket, policy: models.BucketPolicy
+) -> models.Bucket:
+    """Replace the bucket's policy; it applies to events already stored too."""
+    await conn.execute(B.update().where(B.c.id == bucket.id).values(**policy_columns(policy)))
+    return dataclasses.replace(bucket, policy=policy)
 
 
 async def get_bucket(conn: AsyncConnection, account_id: str, name: str) -> models.Bucket:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pathlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -105,7 +105,7 @@ class Database:
         self._writer: asyncio.Task[None] | None = None
         self._conn: AsyncConnection | None = None
         self._closed = False
-        self._coalesced: dict[str, list[tuple[Any, asyncio.Future[None]]]] = {}
+        self._coalesced: dict[str, list[tuple[Any, asyncio.Future[Any]]]] = {}
         self._group_tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -166,43 +166,46 @@ class Database:
     async def write_coalesced(
         self,
         key: str,
-        apply_many: Callable[[AsyncConnection, list[Any]], Awaitable[None]],
+        apply_many: Callable[[AsyncConnection, list[Any]], Awaitable[Sequence[Any]]],
         item: Any,
-    ) -> None:
-        """Add `item` to the next `apply_many` call for `key`; returns after its commit.
+    ) -> Any:
+        """Add `item` to the next `apply_many` call for `key`; returns its result after commit.
 
         Items that arrive while one call waits for the writer join it, so N concurrent
-        writes of one kind cost one statement per table instead of N.
+        writes of one kind cost one statement per table instead of N. `apply_many` returns
+        one result per item, in order.
         """
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         waiting = self._coalesced.setdefault(key, [])
         waiting.append((item, future))
         if len(waiting) == 1:
             task = asyncio.create_task(self._write_group(key, apply_many), name=f"write-{key}")
             self._group_tasks.add(task)
             task.add_done_callback(self._group_tasks.discard)
-        await future
+        return await future
 
     async def _write_group(
-        self, key: str, apply_many: Callable[[AsyncConnection, list[Any]], Awaitable[None]]
+        self,
+        key: str,
+        apply_many: Callable[[AsyncConnection, list[Any]], Awaitable[Sequence[Any]]],
     ) -> None:
-        taken: list[tuple[Any, asyncio.Future[None]]] = []
+        taken: list[tuple[Any, asyncio.Future[Any]]] = []
 
-        async def op(conn: AsyncConnection) -> None:
+        async def op(conn: AsyncConnection) -> Sequence[Any]:
             taken[:] = self._coalesced.pop(key, [])
-            await apply_many(conn, [item for item, _ in taken])
+            return await apply_many(conn, [item for item, _ in taken])
 
         try:
-            await self.write(op)
+            results = await self.write(op)
         except Exception as exc:
             taken = taken or self._coalesced.pop(key, [])
             for _, future in taken:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for _, future in taken:
+        for (_, future), result in zip(taken, results, strict=True):
             if not future.done():
-                future.set_result(None)
+                future.set_result(result)
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -334,8 +337,13 @@ def _configure_sqlite(engine: AsyncEngine, settings: DatabaseSettings) -> None:
         conn.exec_driver_sql(conn.get_execution_options().get("stowhook_begin", "BEGIN"))
 
 
-def _upgrade(sync_conn: sa.Connection) -> None:
+def migration_config(sync_conn: sa.Connection) -> Config:
+    """Alembic's configuration, running on `sync_conn`."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = sync_conn
-    command.upgrade(config, "head")
+    return config
+
+
+def _upgrade(sync_conn: sa.Connection) -> None:
+    command.upgrade(migration_config(sync_conn), "head")

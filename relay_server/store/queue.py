@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relay_server import crypto, ids, models, retry
@@ -70,19 +72,76 @@ def new_delivery_row(event_id: str, output_id: str, now: int, *, replay: bool) -
     }
 
 
-async def insert_events(
-    conn: AsyncConnection, events: Sequence[tuple[dict[str, object], Sequence[str]]]
-) -> None:
-    """Insert sealed event rows, each with one PENDING delivery per output id."""
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """A sealed events row on its way in, with what deduplication needs."""
+
+    row: dict[str, object]
+    bucket_id: str
+    dedup_key: str | None = None
+    dedup_window_ms: int = 0
+
+
+async def insert_events(conn: AsyncConnection, events: Sequence[NewEvent]) -> list[str | None]:
+    """Store each event with one PENDING delivery per output of its bucket.
+
+    Returns, per event, None if it was stored or the id of the earlier event it duplicates
+    (same dedup key in the bucket within the window), in which case nothing was stored.
+    The outputs are read in this transaction, so an output added or removed a moment ago
+    is honoured at once.
+    """
     now = models.now_ms()
-    await conn.execute(E.insert(), [row for row, _ in events])
+    originals = [await _claim_dedup_key(conn, event, now) for event in events]
+    fresh = [event for event, original in zip(events, originals, strict=True) if original is None]
+    if not fresh:
+        return originals
+    await conn.execute(E.insert(), [event.row for event in fresh])
+    outputs_of: dict[str, list[str]] = {}
+    rows = await conn.execute(
+        sa.select(tables.outputs.c.bucket_id, tables.outputs.c.id)
+        .where(tables.outputs.c.bucket_id.in_({event.bucket_id for event in fresh}))
+        .order_by(tables.outputs.c.id)
+    )
+    for bucket_id, output_id in rows:
+        outputs_of.setdefault(bucket_id, []).append(output_id)
     deliveries = [
-        new_delivery_row(str(row["id"]), output_id, now, replay=False)
-        for row, output_ids in events
-        for output_id in output_ids
+        new_delivery_row(str(event.row["id"]), output_id, now, replay=False)
+        for event in fresh
+        for output_id in outputs_of.get(event.bucket_id, ())
     ]
     if deliveries:
         await conn.execute(D.insert(), deliveries)
+    return originals
+
+
+async def _claim_dedup_key(conn: AsyncConnection, event: NewEvent, now: int) -> str | None:
+    """Take the event's dedup key; returns the earlier event's id if someone holds it.
+
+    One upsert: insert the key, or take over a key whose window has passed. Under
+    PostgreSQL a concurrent insert of the same key waits for the first to commit, so two
+    duplicates racing each other still make one event.
+    """
+    if event.dedup_key is None:
+        return None
+    K = tables.dedup_keys
+    insert = sqlite_insert if conn.dialect.name == "sqlite" else postgresql_insert
+    statement = insert(K).values(
+        bucket_id=event.bucket_id,
+        key=event.dedup_key,
+        event_id=event.row["id"],
+        expires_at=now + event.dedup_window_ms,
+    )
+    upsert = statement.on_conflict_do_update(
+        index_elements=[K.c.bucket_id, K.c.key],
+        set_={"event_id": statement.excluded.event_id, "expires_at": statement.excluded.expires_at},
+        where=K.c.expires_at <= now,
+    ).returning(K.c.event_id)
+    if (await conn.execute(upsert)).first() is not None:
+        return None
+    original = await conn.scalar(
+        sa.select(K.c.event_id).where(K.c.bucket_id == event.bucket_id, K.c.key == event.dedup_key)
+    )
+    return str(original)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,16 +159,15 @@ class RawLease:
 
 async def has_available(conn: AsyncConnection, output_ids: Sequence[str]) -> bool:
     """Is any delivery of `output_ids` ready to lease? (a read: no write lock taken)"""
-    found = await conn.scalar(
-        sa.select(D.c.id)
-        .where(
-            D.c.output_id.in_(output_ids),
-            D.c.state == models.DeliveryState.PENDING,
-            D.c.available_at <= models.now_ms(),
-        )
-        .limit(1)
-    )
-    return found is not None
+    now = models.now_ms()
+    ordered = await _ordered_outputs(conn, output_ids)
+    free = [output_id for output_id in output_ids if output_id not in ordered]
+    if free and await conn.scalar(_available(free, now).limit(1)) is not None:
+        return True
+    for output_id in ordered:
+        if await _ordered_head(conn, output_id, now) is not None:
+            return True
+    return False
 
 
 async def claim(
@@ -120,23 +178,38 @@ async def claim(
     lease_ms: int,
     holder: str,
 ) -> list[RawLease]:
-    """Lease up to `limit` available deliveries of `output_ids`, oldest first."""
+    """Lease up to `limit` available deliveries of `output_ids`, oldest first.
+
+    An ordered output gives at most its head: its oldest delivery not yet settled, and
+    only while that one is PENDING and due. DELIVERED and DEAD ones are out of the line,
+    so a dead-lettered event never blocks the next.
+    """
     now = models.now_ms()
-    candidates = (
-        sa.select(D.c.id)
-        .where(
-            D.c.output_id.in_(output_ids),
-            D.c.state == models.DeliveryState.PENDING,
-            D.c.available_at <= now,
+    ordered = await _ordered_outputs(conn, output_ids)
+    heads: list[str] = []
+    for output_id in sorted(ordered):
+        if len(heads) == limit:
+            break
+        if conn.dialect.name == "postgresql":  # replicas claim one output's head in turn
+            await conn.execute(
+                sa.select(tables.outputs.c.id)
+                .where(tables.outputs.c.id == output_id)
+                .with_for_update()
+            )
+        head = await _ordered_head(conn, output_id, now)
+        if head is not None:
+            heads.append(head)
+    chosen: sa.ColumnElement[bool] = D.c.id.in_(heads)
+    free = [output_id for output_id in output_ids if output_id not in ordered]
+    if free and len(heads) < limit:
+        candidates = _lock_for_claim(
+            conn, _available(free, now).order_by(D.c.available_at, D.c.id).limit(limit - len(heads))
         )
-        .order_by(D.c.available_at, D.c.id)
-        .limit(limit)
-    )
-    candidates = _lock_for_claim(conn, candidates)
+        chosen = sa.or_(chosen, D.c.id.in_(candidates.scalar_subquery()))
     claimed = (
         await conn.execute(
             D.update()
-            .where(D.c.id.in_(candidates.scalar_subquery()))
+            .where(chosen, D.c.state == models.DeliveryState.PENDING)
             .values(
                 state=models.DeliveryState.LEASED,
                 attempts=D.c.attempts + 1,
@@ -152,6 +225,38 @@ async def claim(
     if not claimed:
         return []
     return await _with_events(conn, claimed, now + lease_ms)
+
+
+def _available(output_ids: Sequence[str], now: int) -> sa.Select[tuple[str]]:
+    return sa.select(D.c.id).where(
+        D.c.output_id.in_(output_ids),
+        D.c.state == models.DeliveryState.PENDING,
+        D.c.available_at <= now,
+    )
+
+
+async def _ordered_outputs(conn: AsyncConnection, output_ids: Sequence[str]) -> set[str]:
+    rows = await conn.scalars(
+        sa.select(tables.outputs.c.id).where(
+            tables.outputs.c.id.in_(output_ids), tables.outputs.c.ordered.is_(True)
+        )
+    )
+    return set(rows)
+
+
+async def _ordered_head(conn: AsyncConnection, output_id: str, now: int) -> str | None:
+    """The id of the output's first unsettled delivery if it may be leased now, else None."""
+    head = (
+        await conn.execute(
+            sa.select(D.c.id, D.c.state, D.c.available_at)
+            .where(D.c.output_id == output_id, D.c.state.in_(ACTIVE_STATES))
+            .order_by(D.c.id)
+            .limit(1)
+        )
+    ).first()
+    if head is None or head.state != models.DeliveryState.PENDING or head.available_at > now:
+        return None
+    return str(head.id)
 
 
 async def _with_events(

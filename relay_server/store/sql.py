@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy.engine import url as sa_url
 
 from relay_server import crypto, errors, models, retry
-from relay_server.store import admin, database, events, queue
+from relay_server.store import admin, database, events, outputs, queue, retention
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,10 +60,20 @@ class SqlStore:
 
     # ---- the delivery path -------------------------------------------------------
 
-    async def ingest(self, event: models.IncomingEvent) -> None:
-        """Store the event sealed, with one PENDING delivery per output; returns after commit."""
-        row = queue.seal_event(self.keyring, event)
-        await self.db.write_coalesced("ingest", queue.insert_events, (row, event.route.output_ids))
+    async def ingest(self, event: models.IncomingEvent) -> str | None:
+        """Store the event sealed, with one PENDING delivery per output; returns after commit.
+
+        Returns None, or the id of the earlier event this one duplicates (nothing stored).
+        """
+        policy = event.route.bucket.policy
+        new = queue.NewEvent(
+            row=queue.seal_event(self.keyring, event),
+            bucket_id=event.route.bucket.id,
+            dedup_key=models.dedup_key(policy.dedup_headers, event.headers),
+            dedup_window_ms=policy.dedup_window_ms,
+        )
+        original: str | None = await self.db.write_coalesced("ingest", queue.insert_events, new)
+        return original
 
     async def lease(
         self,
@@ -231,17 +241,45 @@ class SqlStore:
             return await admin.list_accounts(conn)
 
     async def create_bucket(
-        self, account_id: str, name: str, *, max_attempts: int, max_age_ms: int, retention_ms: int
+        self, account_id: str, name: str, policy: models.BucketPolicy | None = None
     ) -> models.Bucket:
         return await self.db.write(
             functools.partial(
                 admin.create_bucket,
                 account_id=account_id,
                 name=name,
-                max_attempts=max_attempts,
-                max_age_ms=max_age_ms,
-                retention_ms=retention_ms,
+                policy=policy or models.BucketPolicy(),
             )
+        )
+
+    async def update_bucket(
+        self, bucket: models.Bucket, policy: models.BucketPolicy
+    ) -> models.Bucket:
+        return await self.db.write(
+            functools.partial(admin.update_bucket, bucket=bucket, policy=policy)
+        )
+
+    async def create_output(
+        self, bucket: models.Bucket, name: str, *, ordered: bool
+    ) -> models.Output:
+        return await self.db.write(
+            functools.partial(outputs.create_output, bucket=bucket, name=name, ordered=ordered)
+        )
+
+    async def list_outputs(self, bucket: models.Bucket) -> list[models.Output]:
+        async with self.db.read() as conn:
+            return await outputs.list_outputs(conn, bucket)
+
+    async def set_output_ordered(
+        self, bucket: models.Bucket, name: str, *, ordered: bool
+    ) -> models.Output:
+        return await self.db.write(
+            functools.partial(outputs.set_ordered, bucket=bucket, name=name, ordered=ordered)
+        )
+
+    async def delete_output(self, bucket: models.Bucket, name: str, *, force: bool) -> None:
+        await self.db.write(
+            functools.partial(outputs.delete_output, bucket=bucket, name=name, force=force)
         )
 
     async def get_bucket(self, account_id: str, name: str) -> models.Bucket:
@@ -307,3 +345,35 @@ class SqlStore:
         await self.db.write(
             functools.partial(admin.revoke_token, account_id=account_id, key_id=key_id)
         )
+
+    # ---- retention -----------------------------------------------------------------
+
+    async def clean(self, *, limit: int = 500) -> dict[str, int]:
+        """One pass of the retention rules, `limit` rows per write transaction.
+
+        Returns how many dedup keys, dead letters and events it deleted.
+        """
+        now = models.now_ms()
+        removed = {"dedup_keys": 0, "dead_letters": 0, "events": 0}
+        for name, step in (
+            ("dedup_keys", retention.expired_dedup_keys),
+            ("dead_letters", retention.old_dead_letters),
+        ):
+            while True:
+                n = await self.db.write(functools.partial(step, now=now, limit=limit))
+                removed[name] += n
+                if n < limit:
+                    break
+        async with self.db.read() as conn:
+            cutoffs = await retention.retention_cutoffs(conn, now)
+        for bucket_id, cutoff in cutoffs:
+            while True:
+                n = await self.db.write(
+                    functools.partial(
+                        retention.old_events, bucket_id=bucket_id, cutoff=cutoff, limit=limit
+                    )
+                )
+                removed["events"] += n
+                if n < limit:
+                    break
+        return removed

@@ -35,6 +35,9 @@ buckets = sa.Table(
     sa.Column("max_attempts", sa.Integer, nullable=False),
     sa.Column("max_age_ms", sa.BigInteger, nullable=False),
     sa.Column("retention_ms", sa.BigInteger, nullable=False),
+    sa.Column("dlq_retention_ms", sa.BigInteger, nullable=False),
+    sa.Column("dedup_headers", sa.Text, nullable=False),  # JSON list of header names
+    sa.Column("dedup_window_ms", sa.BigInteger, nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.UniqueConstraint("account_id", "name", name="uq_buckets_account_name"),
 )
@@ -57,6 +60,7 @@ outputs = sa.Table(
     sa.Column("bucket_id", ID, sa.ForeignKey("buckets.id", ondelete="CASCADE"), nullable=False),
     sa.Column("name", sa.String(100), nullable=False),
     sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("ordered", sa.Boolean, nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.UniqueConstraint("bucket_id", "name", name="uq_outputs_bucket_name"),
 )
@@ -127,6 +131,20 @@ deliveries = sa.Table(
     # Reaper: leases past their deadline.
     sa.Index("ix_deliveries_lease", "state", "lease_expires_at"),
     sa.Index("ix_deliveries_event", "event_id"),
+    # Ordered outputs: the oldest unsettled delivery is the head of the line.
+    sa.Index("ix_deliveries_order", "output_id", "state", "id"),
+)
+
+# One row per provider event id seen in a bucket within its dedup window. The primary key
+# makes the check atomic: two concurrent duplicates cannot both insert.
+dedup_keys = sa.Table(
+    "dedup_keys",
+    metadata,
+    sa.Column("bucket_id", ID, sa.ForeignKey("buckets.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("key", sa.String(64), primary_key=True),  # SHA-256 of header name and value
+    sa.Column("event_id", ID, nullable=False),
+    sa.Column("expires_at", sa.BigInteger, nullable=False),
+    sa.Index("ix_dedup_keys_expires", "expires_at"),
 )
 
 attempts = sa.Table(

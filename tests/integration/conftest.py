@@ -26,7 +26,9 @@ class Installation:
 async def install(store: sql.SqlStore) -> Installation:
     account = await store.create_account("default")
     bucket = await store.create_bucket(
-        account.id, "orders", max_attempts=5, max_age_ms=3_600_000, retention_ms=86_400_000
+        account.id,
+        "orders",
+        models.BucketPolicy(max_attempts=5, max_age_ms=3_600_000, retention_ms=86_400_000),
     )
     created = await store.create_input(bucket, "main")
     route = await store.route(created.id)

@@ -172,7 +172,9 @@ async def test_the_dlq_filters_by_bucket_input_age_and_error_and_replays_only_ma
     store, account = installed.store, installed.account
     other_input = await store.create_input(installed.bucket, "second")
     other_bucket = await store.create_bucket(
-        account.id, "billing", max_attempts=2, max_age_ms=3_600_000, retention_ms=86_400_000
+        account.id,
+        "billing",
+        models.BucketPolicy(max_attempts=2, max_age_ms=3_600_000, retention_ms=86_400_000),
     )
     billing_input = await store.create_input(other_bucket, "main")
     second, billing = await store.route(other_input.id), await store.route(billing_input.id)

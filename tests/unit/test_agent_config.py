@@ -291,9 +291,18 @@ def test_errors_name_the_key_and_the_line(extra: str, message: str) -> None:
 def test_a_bucket_in_two_subscriptions() -> None:
     text = BASE.replace('bucket = "b"', 'bucket = ["c", "a"]') + "dir = '/d'\n"
     assert error_of(text) == (
-        "agent.toml line 8: subscription[1].bucket 'a' is already in subscription[0]: "
-        "give each bucket to one subscription"
+        "agent.toml line 8: subscription[1].bucket 'a' (output 'default') is already in "
+        "subscription[0]: give each bucket to one subscription"
     )
+
+
+def test_one_bucket_in_two_subscriptions_for_two_outputs() -> None:
+    text = BASE.replace('bucket = "b"', 'bucket = "a"\noutput = "audit"') + "dir = '/d'\n"
+    loaded = parse(text)
+    assert [(s.agent.buckets, s.agent.output) for s in loaded.subscriptions] == [
+        (("a",), "default"),
+        (("a",), "audit"),
+    ]
 
 
 @pytest.mark.parametrize(

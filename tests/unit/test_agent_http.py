@@ -77,6 +77,7 @@ def test_hop_by_hop_and_length_headers_are_dropped_and_the_rest_kept_in_order() 
         ("Upgrade", "h2c"),
         ("X-Secret-Hop", "1"),
         ("X-Stowhook-Event-Id", "forged"),
+        ("x-stowhook-replay", "1"),
         ("Content-Type", "application/json"),
         ("X-Tag", "two"),
     ]
@@ -196,6 +197,7 @@ async def test_request_arrives_unchanged(target, destination_for) -> None:
     assert ("X-GitHub-Event", "push") in headers
     assert ("X-Stowhook-Event-Id", "evt-42") in headers
     assert ("X-Stowhook-Attempt", "3") in headers
+    assert "x-stowhook-replay" not in names, "only replays are marked"
     assert dict(headers)["Host"] == url.split("/")[2]
     assert dict(headers)["Content-Length"] == "1024"
     assert names.count("host") == 1 and names.count("content-length") == 1
@@ -251,6 +253,13 @@ async def test_refused_port_is_a_connection_nack(destination_for) -> None:
     assert isinstance(outcome, models.Nack)
     assert outcome.reason.startswith("connection failed: ")
     assert outcome.retry_after_ms is None
+
+
+async def test_a_replayed_event_is_marked(target, destination_for) -> None:
+    recorder, url = target
+    assert await destination_for(url).deliver(delivery(replay=True)) == models.Ack()
+    [seen] = recorder.seen
+    assert ("X-Stowhook-Replay", "1") in header_pairs(seen["headers"])
 
 
 async def test_cookies_set_by_the_target_are_not_replayed(target, destination_for) -> None:

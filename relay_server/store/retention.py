@@ -1,0 +1,75 @@
+"""Forgetting on schedule: expired dedup keys, old dead letters, settled old events.
+
+Each call deletes at most `limit` rows in one short write transaction, so the cleaner
+interleaves with ingest instead of holding the writer. An event with a PENDING or LEASED
+delivery is never deleted, however old: downtime is a delay, not a loss. An event with a
+DEAD delivery stays until that delivery leaves the DLQ (the bucket's DLQ retention).
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from relay_server import models
+from relay_server.store import tables
+
+B, E, D, OUT, K = (
+    tables.buckets,
+    tables.events,
+    tables.deliveries,
+    tables.outputs,
+    tables.dedup_keys,
+)
+
+KEEP_EVENT = (
+    models.DeliveryState.PENDING,
+    models.DeliveryState.LEASED,
+    models.DeliveryState.DEAD,
+)
+
+
+async def expired_dedup_keys(conn: AsyncConnection, *, now: int, limit: int) -> int:
+    doomed = sa.select(K.c.bucket_id, K.c.key).where(K.c.expires_at <= now).limit(limit)
+    keys = (await conn.execute(doomed)).all()
+    if keys:
+        await conn.execute(
+            K.delete().where(sa.tuple_(K.c.bucket_id, K.c.key).in_([tuple(k) for k in keys]))
+        )
+    return len(keys)
+
+
+async def old_dead_letters(conn: AsyncConnection, *, now: int, limit: int) -> int:
+    """DEAD deliveries past their bucket's DLQ retention (with their attempts)."""
+    doomed = (
+        sa.select(D.c.id)
+        .join(OUT, OUT.c.id == D.c.output_id)
+        .join(B, B.c.id == OUT.c.bucket_id)
+        .where(D.c.state == models.DeliveryState.DEAD, D.c.updated_at < now - B.c.dlq_retention_ms)
+        .limit(limit)
+    )
+    found = list((await conn.execute(doomed)).scalars())
+    if found:
+        await conn.execute(D.delete().where(D.c.id.in_(found)))
+    return len(found)
+
+
+async def old_events(conn: AsyncConnection, bucket_id: str, cutoff: int, limit: int) -> int:
+    """Events of one bucket received before `cutoff` with nothing left to deliver or inspect."""
+    unsettled = sa.exists().where(D.c.event_id == E.c.id, D.c.state.in_(KEEP_EVENT))
+    doomed = (
+        sa.select(E.c.id)
+        .where(E.c.bucket_id == bucket_id, E.c.received_at < cutoff, ~unsettled)
+        .order_by(E.c.received_at)
+        .limit(limit)
+    )
+    found = list((await conn.execute(doomed)).scalars())
+    if found:
+        await conn.execute(E.delete().where(E.c.id.in_(found)))
+    return len(found)
+
+
+async def retention_cutoffs(conn: AsyncConnection, now: int) -> list[tuple[str, int]]:
+    """(bucket id, received_at before which its events may go) for every bucket."""
+    rows = await conn.execute(sa.select(B.c.id, B.c.retention_ms))
+    return [(bucket_id, now - retention_ms) for bucket_id, retention_ms in rows]
