@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import os
 import pathlib
@@ -185,6 +186,47 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def log_events(text: str) -> list[dict[str, Any]]:
+    """The JSON lines of a `--log-format json` log, in order (other lines are skipped).
+
+    A last line still being written (no newline yet) is left for the next read.
+    """
+    complete = text if text.endswith("\n") else text.rpartition("\n")[0]
+    return [json.loads(line) for line in complete.splitlines() if line.startswith("{")]
+
+
+def logged_at(event: dict[str, Any]) -> float:
+    """A log event's timestamp in seconds since the epoch (comparable with time.time())."""
+    return datetime.datetime.fromisoformat(event["timestamp"]).timestamp()
+
+
+def logged(name: str, *, since: float = 0.0, **fields: Any) -> Callable[[dict[str, Any]], bool]:
+    """A wait_logged() matcher: event `name` with these field values, logged at `since` or later."""
+
+    def match(event: dict[str, Any]) -> bool:
+        return (
+            event.get("event") == name
+            and all(event.get(key) == value for key, value in fields.items())
+            and (not since or logged_at(event) >= since)
+        )
+
+    return match
+
+
+async def wait_logged(
+    read: Callable[[], str], match: Callable[[dict[str, Any]], bool], timeout: float, what: str
+) -> dict[str, Any]:
+    """The first event of a JSON log (`read()` gives its text) that `match`es, once logged."""
+    found: list[dict[str, Any]] = []
+
+    def logged() -> bool:
+        found[:] = [event for event in log_events(read()) if match(event)][:1]
+        return bool(found)
+
+    await wait_until(logged, timeout, what)
+    return found[0]
+
+
 @dataclass
 class Agent:
     proc: subprocess.Popen[bytes]
@@ -210,7 +252,9 @@ def start_agent(
     bucket: str = "quickstart",
     name: str = "agent",
     tls: bool = False,
+    server: str | None = None,
 ) -> Agent:
+    """`server`: another HOST:PORT to dial than the relay's gRPC port (e.g. a proxy's)."""
     log = relay.home / f"{name}.log"
     env = {**os.environ, "STOWHOOK_TOKEN": token if token is not None else relay.token}
     with open(log, "wb") as out:
@@ -219,7 +263,7 @@ def start_agent(
                 str(BIN / "relay-agent"),
                 "run",
                 "--server",
-                relay.grpc_address,
+                server or relay.grpc_address,
                 *([] if tls else ["--insecure"]),
                 "--bucket",
                 bucket,
@@ -350,3 +394,37 @@ async def delivery_states(relay: Relay) -> dict[str, dict[str, Any]]:
     """Event id -> its (only) delivery, as `relay-server event list --json` shows it."""
     events = await relay.cli_json("event", "list", "--limit", "1000")
     return {event["id"]: event["deliveries"][0] for event in events}
+
+
+async def wait_deliveries(
+    relay: Relay, done: Callable[[dict[str, dict[str, Any]]], bool], timeout: float, what: str
+) -> dict[str, dict[str, Any]]:
+    """delivery_states(relay), polled until `done` holds for it."""
+    deadline = time.monotonic() + timeout
+    while not done(found := await delivery_states(relay)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}: {found}")
+        await asyncio.sleep(0.2)
+    return found
+
+
+async def assert_delivered_once(relay: Relay, event_id: str) -> list[dict[str, Any]]:
+    """The event is delivered, settled by one ACK, of its last attempt; its attempts.
+
+    As `relay-server event show --json` tells it: oldest first, the ACK last.
+    """
+    detail = await relay.cli_json("event", "show", event_id)
+    (delivery,) = detail["summary"]["deliveries"]
+    attempts: list[dict[str, Any]] = detail["attempts"]
+    acks = [a["attempt"] for a in attempts if a["outcome"] == "ack"]
+    history = attempt_history(attempts)
+    assert delivery["state"] == "delivered", f"event {event_id} is {delivery['state']}: {history}"
+    assert acks == [delivery["attempts"]], (
+        f"event {event_id} was not settled by exactly one ACK, of its last attempt: {history}"
+    )
+    return attempts
+
+
+def attempt_history(attempts: list[dict[str, Any]]) -> str:
+    """'#1 lease_expired by reaper, #2 ack by shk_…/agent'."""
+    return ", ".join(f"#{a['attempt']} {a['outcome']} by {a['agent']}" for a in attempts)
