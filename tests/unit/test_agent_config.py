@@ -288,6 +288,28 @@ def test_errors_name_the_key_and_the_line(extra: str, message: str) -> None:
     assert error_of(BASE + extra) == message
 
 
+def test_keepalive_and_output_keys() -> None:
+    loaded = parse(
+        """
+        server = "relay:1"
+        keepalive_time = 1
+        [[subscription]]
+        bucket = "a"
+        keepalive_timeout = 2.5
+        output = "audit"
+        forward = "http://127.0.0.1:9/"
+        """
+    )
+    (only,) = loaded.subscriptions
+    assert (only.agent.keepalive_time_ms, only.agent.keepalive_timeout_ms) == (1000, 2500)
+    assert only.agent.output == "audit"
+    with pytest.raises(errors.ConfigError, match="keepalive_time"):
+        parse(
+            'server = "relay:1"\nkeepalive_time = 0\n[[subscription]]\nbucket = "a"\n'
+            'forward = "http://127.0.0.1:9/"\n'
+        )
+
+
 def test_a_bucket_in_two_subscriptions() -> None:
     text = BASE.replace('bucket = "b"', 'bucket = ["c", "a"]') + "dir = '/d'\n"
     assert error_of(text) == (
