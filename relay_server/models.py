@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import enum
 import hashlib
@@ -98,6 +99,69 @@ class Account:
     created_at: dt.datetime
 
 
+class InputAuthKind(enum.StrEnum):
+    BASIC = "basic"  # Authorization: Basic, username + password (bcrypt-hashed at rest)
+    TOKEN = "token"  # Authorization: Bearer <token> or ?token=<token> (bcrypt-hashed at rest)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InputAuth:
+    """What a sender must present to any input of a bucket; failures are 401, nothing stored."""
+
+    kind: InputAuthKind
+    username: str = ""  # basic only
+    secret_hash: str = dataclasses.field(default="", repr=False)  # bcrypt of password/token
+
+
+class VerifyKind(enum.StrEnum):
+    GITHUB = "github"  # X-Hub-Signature-256: sha256=<hex HMAC of the body>
+    STRIPE = "stripe"  # Stripe-Signature: t=<ts>,v1=<hex HMAC of "ts.body">
+    SHOPIFY = "shopify"  # X-Shopify-Hmac-Sha256: <base64 HMAC of the body>
+    SLACK = "slack"  # X-Slack-Signature: v0=<hex HMAC of "v0:ts:body">
+    STANDARD = "standard-webhooks"  # webhook-id/-timestamp/-signature, whsec_ secrets
+    HMAC = "hmac"  # generic HMAC-SHA256 of the body in a chosen header and encoding
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Verification:
+    """How an input checks its provider's signature over the raw body.
+
+    Several secrets may be valid at once (rotation). They are sealed at rest and only
+    opened into this object in memory.
+    """
+
+    kind: VerifyKind
+    secrets: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    header: str = ""  # hmac: the header carrying the signature
+    encoding: str = "hex"  # hmac: hex or base64
+    prefix: str = ""  # hmac: text before the signature, e.g. "sha256="
+    tolerance_s: int = 300  # timestamped schemes: how far from now a timestamp may be
+
+
+class ResponseKind(enum.StrEnum):
+    ACCEPT = "accept"  # 200, empty, no software name
+    STATIC = "static"  # a configured status, headers and body
+    WAIT = "wait"  # the destination's own answer, relayed back by the agent
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResponseMode:
+    kind: ResponseKind = ResponseKind.ACCEPT
+    status: int = 200  # static, and wait's fallback when fallback is set
+    headers: Headers = ()
+    body: bytes = b""
+    timeout_ms: int = 30_000  # wait: how long to hold the caller
+    fallback: bool = False  # wait: on timeout answer status/headers/body instead of 504
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimit:
+    """A token bucket: `per_s` requests a second on average, bursts up to `burst`."""
+
+    per_s: float
+    burst: int
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BucketPolicy:
     """How a bucket retries, keeps and deduplicates its events."""
@@ -108,6 +172,9 @@ class BucketPolicy:
     dlq_retention_ms: int = 7 * DAY_MS  # dead deliveries are kept this long after dying
     dedup_headers: tuple[str, ...] = DEFAULT_DEDUP_HEADERS  # () turns deduplication off
     dedup_window_ms: int = DAY_MS
+    # Bodies, headers and queries stay in memory and go straight to connected agents;
+    # the database records only that an event came and how its delivery went.
+    ephemeral: bool = False
 
     def __post_init__(self) -> None:
         if len(self.dedup_headers) > MAX_DEDUP_HEADERS:
@@ -130,6 +197,7 @@ class Bucket:
     name: str
     policy: BucketPolicy
     created_at: dt.datetime
+    input_auth: InputAuth | None = None  # None: anyone with an input's URL may post
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -139,6 +207,9 @@ class Input:
     name: str
     max_body_bytes: int | None
     created_at: dt.datetime
+    verification: Verification | None = None
+    response: ResponseMode = ResponseMode()
+    rate_limit: RateLimit | None = None  # None: only the server-wide limits apply
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relay_server import errors, ids, models
-from relay_server.store import tables
+from relay_server.store import codecs, tables
 
 A, B, INP, OUT = tables.accounts, tables.buckets, tables.inputs, tables.outputs
 T, TB = tables.agent_tokens, tables.token_buckets
@@ -35,8 +35,10 @@ def bucket_from_row(row: Any) -> models.Bucket:
             dlq_retention_ms=row.dlq_retention_ms,
             dedup_headers=tuple(json.loads(row.dedup_headers)),
             dedup_window_ms=row.dedup_window_ms,
+            ephemeral=bool(row.ephemeral),
         ),
         created_at=models.from_ms(row.created_at),
+        input_auth=codecs.load_input_auth(row.input_auth),
     )
 
 
@@ -53,6 +55,11 @@ def input_from_row(row: Any) -> models.Input:
         name=row.name,
         max_body_bytes=row.max_body_bytes,
         created_at=models.from_ms(row.created_at),
+        verification=codecs.load_verification(row.verify),
+        response=codecs.load_response(row.response),
+        rate_limit=None
+        if row.rate_per_s is None
+        else models.RateLimit(per_s=row.rate_per_s, burst=row.rate_burst),
     )
 
 
@@ -91,6 +98,7 @@ async def create_bucket(
         "name": name,
         **policy_columns(policy),
         "created_at": now,
+        "input_auth": None,
     }
     await conn.execute(B.insert().values(**row))
     await conn.execute(
@@ -112,6 +120,33 @@ async def update_bucket(
     """Replace the bucket's policy; it applies to events already stored too."""
     await conn.execute(B.update().where(B.c.id == bucket.id).values(**policy_columns(policy)))
     return dataclasses.replace(bucket, policy=policy)
+
+
+async def set_input_auth(
+    conn: AsyncConnection, bucket: models.Bucket, auth: models.InputAuth | None
+) -> models.Bucket:
+    await conn.execute(
+        B.update().where(B.c.id == bucket.id).values(input_auth=codecs.dump_input_auth(auth))
+    )
+    return dataclasses.replace(bucket, input_auth=auth)
+
+
+async def get_input(conn: AsyncConnection, account_id: str, input_id: str) -> models.Input:
+    row = (
+        await conn.execute(
+            sa.select(INP)
+            .join(B, B.c.id == INP.c.bucket_id)
+            .where(INP.c.id == input_id, B.c.account_id == account_id)
+        )
+    ).first()
+    if row is None:
+        raise errors.NotFound(f"no input with id {input_id!r}")
+    return input_from_row(row)
+
+
+async def update_input(conn: AsyncConnection, input_id: str, **columns: object) -> None:
+    """Set columns of the inputs row (callers encode them: see store.codecs)."""
+    await conn.execute(INP.update().where(INP.c.id == input_id).values(**columns))
 
 
 async def get_bucket(conn: AsyncConnection, account_id: str, name: str) -> models.Bucket:
@@ -198,6 +233,11 @@ async def create_input(
         "name": name,
         "max_body_bytes": max_body_bytes,
         "created_at": models.now_ms(),
+        "verify": None,
+        "verify_secrets_sealed": None,
+        "response": None,
+        "rate_per_s": None,
+        "rate_burst": None,
     }
     await conn.execute(INP.insert().values(**row))
     return input_from_row(types.SimpleNamespace(**row))
@@ -226,7 +266,8 @@ async def delete_input(conn: AsyncConnection, account_id: str, input_id: str) ->
         raise errors.NotFound(f"no input with id {input_id!r}")
 
 
-async def route(conn: AsyncConnection, input_id: str) -> models.Route | None:
+async def route(conn: AsyncConnection, input_id: str) -> tuple[models.Route, bytes | None] | None:
+    """The input's route, with its sealed signing secrets (opened by the caller)."""
     row = (await conn.execute(sa.select(INP).where(INP.c.id == input_id))).first()
     if row is None:
         return None
@@ -238,7 +279,8 @@ async def route(conn: AsyncConnection, input_id: str) -> models.Route | None:
             sa.select(OUT.c.id).where(OUT.c.bucket_id == bucket.id).order_by(OUT.c.id)
         )
     ).scalars()
-    return models.Route(input=input_from_row(row), bucket=bucket, output_ids=tuple(output_ids))
+    found = models.Route(input=input_from_row(row), bucket=bucket, output_ids=tuple(output_ids))
+    return found, row.verify_secrets_sealed
 
 
 async def outputs_for(

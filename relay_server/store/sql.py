@@ -7,6 +7,7 @@ the write transaction where possible, so the single SQLite writer only does I/O.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import pathlib
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from sqlalchemy.engine import url as sa_url
 
 from relay_server import crypto, errors, models, retry
-from relay_server.store import admin, database, events, outputs, queue, retention
+from relay_server.store import admin, codecs, database, events, outputs, queue, retention
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -140,8 +141,66 @@ class SqlStore:
         )
 
     async def route(self, input_id: str) -> models.Route | None:
+        """The input's route; its signing secrets opened (they exist only in memory)."""
         async with self.db.read() as conn:
-            return await admin.route(conn, input_id)
+            found = await admin.route(conn, input_id)
+        if found is None:
+            return None
+        route, sealed = found
+        verification = route.input.verification
+        if verification is None or sealed is None:
+            return route
+        secrets = codecs.open_secrets(self.keyring, route.input.id, sealed)
+        opened = dataclasses.replace(verification, secrets=secrets)
+        return dataclasses.replace(
+            route, input=dataclasses.replace(route.input, verification=opened)
+        )
+
+    async def get_input(self, account_id: str, input_id: str) -> models.Input:
+        async with self.db.read() as conn:
+            return await admin.get_input(conn, account_id, input_id)
+
+    async def set_input_auth(
+        self, bucket: models.Bucket, auth: models.InputAuth | None
+    ) -> models.Bucket:
+        return await self.db.write(
+            functools.partial(admin.set_input_auth, bucket=bucket, auth=auth)
+        )
+
+    async def set_verification(
+        self, input_id: str, verification: models.Verification | None
+    ) -> None:
+        """Store how the input verifies signatures; its secrets sealed, never in clear."""
+        sealed = (
+            None
+            if verification is None
+            else codecs.seal_secrets(self.keyring, input_id, verification.secrets)
+        )
+        await self.db.write(
+            functools.partial(
+                admin.update_input,
+                input_id=input_id,
+                verify=codecs.dump_verification(verification),
+                verify_secrets_sealed=sealed,
+            )
+        )
+
+    async def set_response(self, input_id: str, mode: models.ResponseMode) -> None:
+        await self.db.write(
+            functools.partial(
+                admin.update_input, input_id=input_id, response=codecs.dump_response(mode)
+            )
+        )
+
+    async def set_rate_limit(self, input_id: str, limit: models.RateLimit | None) -> None:
+        await self.db.write(
+            functools.partial(
+                admin.update_input,
+                input_id=input_id,
+                rate_per_s=None if limit is None else limit.per_s,
+                rate_burst=None if limit is None else limit.burst,
+            )
+        )
 
     # ---- credentials ---------------------------------------------------------------
 

@@ -38,6 +38,8 @@ buckets = sa.Table(
     sa.Column("dlq_retention_ms", sa.BigInteger, nullable=False),
     sa.Column("dedup_headers", sa.Text, nullable=False),  # JSON list of header names
     sa.Column("dedup_window_ms", sa.BigInteger, nullable=False),
+    sa.Column("ephemeral", sa.Boolean, nullable=False),
+    sa.Column("input_auth", sa.Text, nullable=True),  # JSON: kind, username, bcrypt hash
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.UniqueConstraint("account_id", "name", name="uq_buckets_account_name"),
 )
@@ -50,6 +52,12 @@ inputs = sa.Table(
     sa.Column("name", sa.String(100), nullable=False),
     sa.Column("max_body_bytes", sa.Integer, nullable=True),
     sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("verify", sa.Text, nullable=True),  # JSON: kind, header, encoding, ... no secrets
+    # AES-256-GCM sealed JSON list of signing secrets; associated data "input:<id>:verify".
+    sa.Column("verify_secrets_sealed", sa.LargeBinary, nullable=True),
+    sa.Column("response", sa.Text, nullable=True),  # JSON ResponseMode; NULL: accept
+    sa.Column("rate_per_s", sa.Float, nullable=True),
+    sa.Column("rate_burst", sa.Integer, nullable=True),
     sa.Index("ix_inputs_bucket", "bucket_id"),
 )
 
@@ -75,6 +83,11 @@ agent_tokens = sa.Table(
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Column("revoked_at", sa.BigInteger, nullable=True),
     sa.Column("last_used_at", sa.BigInteger, nullable=True),
+    # Rotation: the previous secret stays valid until previous_valid_until.
+    sa.Column("previous_secret_hash", sa.String(100), nullable=True),
+    sa.Column("previous_valid_until", sa.BigInteger, nullable=True),
+    # mTLS: SHA-256 of the client certificate (DER) this token is bound to; NULL: any.
+    sa.Column("client_cert_sha256", sa.String(64), nullable=True),
 )
 
 token_buckets = sa.Table(
@@ -137,6 +150,17 @@ deliveries = sa.Table(
 
 # One row per provider event id seen in a bucket within its dedup window. The primary key
 # makes the check atomic: two concurrent duplicates cannot both insert.
+# Signed webhooks already accepted (e.g. a webhook-id with its timestamp): a second copy
+# within the signature tolerance is a replay and is refused.
+seen_nonces = sa.Table(
+    "seen_nonces",
+    metadata,
+    sa.Column("input_id", ID, sa.ForeignKey("inputs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("nonce", sa.String(64), primary_key=True),  # SHA-256 of what was signed
+    sa.Column("expires_at", sa.BigInteger, nullable=False),
+    sa.Index("ix_seen_nonces_expires", "expires_at"),
+)
+
 dedup_keys = sa.Table(
     "dedup_keys",
     metadata,
@@ -175,4 +199,5 @@ audit_log = sa.Table(
     sa.Column("source", sa.String(100), nullable=False),
     sa.Column("detail", sa.Text, nullable=True),
     sa.Index("ix_audit_at", "at"),
+    sa.Index("ix_audit_action", "action", "at"),
 )
