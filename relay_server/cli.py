@@ -189,6 +189,14 @@ def main(
     help="Largest webhook body accepted (413 above).",
 )
 @click.option(
+    "--trusted-proxy",
+    "trusted_proxies",
+    multiple=True,
+    metavar="CIDR",
+    help="A reverse proxy (address or CIDR) whose X-Forwarded-For names the client; repeat "
+    "for several. Without one the header is ignored.",
+)
+@click.option(
     "--lease-ms",
     envvar="STOWHOOK_LEASE_MS",
     type=int,
@@ -287,6 +295,7 @@ def serve(state: CliState, /, **options: Any) -> None:
                 listen=options["http_listen"],
                 public_url=state.public_url,
                 max_body_bytes=options["max_body_bytes"],
+                trusted_proxies=tuple(options["trusted_proxies"]),
             ),
             grpc=settings.GrpcSettings(
                 listen=options["grpc_listen"],

@@ -6,6 +6,7 @@ import pathlib
 from dataclasses import dataclass, field
 
 from relay_server import errors, retry
+from relay_server.ingress import source
 from relay_server.store import database
 
 MIB = 1024 * 1024
@@ -33,9 +34,12 @@ class IngressSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     route_cache_s: float = 2.0  # how long an input lookup is reused
     shutdown_grace_s: float = 10.0  # in-flight requests get this long to commit on stop
+    # Reverse proxies whose X-Forwarded-For is believed (CIDRs); empty: none.
+    trusted_proxies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         parse_listen(self.listen, "HTTP listen address")
+        source.parse_networks(self.trusted_proxies)
         if not 1 <= self.max_body_bytes <= 1024 * MIB:
             raise errors.ConfigError("max body size must be between 1 byte and 1 GiB")
 

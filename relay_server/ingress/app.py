@@ -17,7 +17,7 @@ from aiohttp import web
 
 from relay_server import errors, ids, models
 from relay_server.dispatch import hub as hub_mod
-from relay_server.ingress import routes
+from relay_server.ingress import routes, source
 from relay_server.settings import IngressSettings
 from relay_server.store import sql
 
@@ -29,6 +29,7 @@ ROUTES = web.AppKey("routes", routes.RouteCache)
 SETTINGS = web.AppKey("settings", IngressSettings)
 READY = web.AppKey("ready", list)  # [bool]: flipped to False when shutting down
 GRPC_SERVING = web.AppKey("grpc_serving", list)  # [bool]: True while agents can connect
+TRUSTED_PROXIES = web.AppKey("trusted_proxies", tuple)  # source.Network, ...
 
 PROBE_CACHE_S = 1.0  # a flood of /readyz costs one write probe per second
 PROBE_TIMEOUT_S = 2.0  # longer than this to get the write lock counts as not writable
@@ -46,6 +47,7 @@ def create_app(store: sql.SqlStore, hub: hub_mod.Hub, settings: IngressSettings)
     app[HUB] = hub
     app[ROUTES] = routes.RouteCache(store, settings.route_cache_s)
     app[SETTINGS] = settings
+    app[TRUSTED_PROXIES] = source.parse_networks(settings.trusted_proxies)
     app[READY] = [True]
     app[GRPC_SERVING] = [False]
     app[IN_FLIGHT] = InFlight()
@@ -177,7 +179,7 @@ def _incoming(request: web.Request, route: models.Route, body: bytes) -> models.
         headers=tuple((str(name), value) for name, value in request.headers.items()),
         body=body,
         received_at=dt.datetime.now(dt.UTC),
-        source=request.remote or "",
+        source=source.source_of(request, request.app[TRUSTED_PROXIES]),
     )
 
 
