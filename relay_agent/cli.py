@@ -162,6 +162,17 @@ def _log_options(command: _F) -> _F:
 @click.option("--insecure", is_flag=True, help="Plaintext gRPC without TLS (tests, loopback).")
 @click.option("--tls-server-name", help="Name to expect in the server's certificate.")
 @click.option(
+    "--client-cert",
+    type=click.Path(dir_okay=False, path_type=pathlib.Path),
+    help="PEM certificate chain to present to a server that requires client certificates "
+    "(mTLS; with --client-key).",
+)
+@click.option(
+    "--client-key",
+    type=click.Path(dir_okay=False, path_type=pathlib.Path),
+    help="The private key (PEM, unencrypted) of --client-cert.",
+)
+@click.option(
     "--keepalive-time",
     "keepalive_time_s",
     type=click.FloatRange(min=0, min_open=True),
@@ -256,6 +267,8 @@ def _flags_config(
     ca_file: pathlib.Path | None,
     insecure: bool,
     tls_server_name: str | None,
+    client_cert: pathlib.Path | None,
+    client_key: pathlib.Path | None,
     keepalive_time_s: float,
     keepalive_timeout_s: float,
     agent_name: str | None,
@@ -277,6 +290,8 @@ def _flags_config(
         ca_file=ca_file,
         insecure=insecure,
         tls_server_name=tls_server_name,
+        client_cert=client_cert,
+        client_key=client_key,
         keepalive_time_ms=settings.whole_ms(keepalive_time_s),
         keepalive_timeout_ms=settings.whole_ms(keepalive_timeout_s),
         **extra,

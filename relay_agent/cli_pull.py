@@ -63,6 +63,8 @@ _SHARED_OPTIONS = (
     "ca_file",
     "insecure",
     "tls_server_name",
+    "client_cert",
+    "client_key",
     "agent_name",
     "log_format",
     "log_level",
@@ -183,6 +185,8 @@ def pull_settings(
     ca_file: Any,
     insecure: bool,
     tls_server_name: str | None,
+    client_cert: Any,
+    client_key: Any,
     agent_name: str | None,
     max_events: int | None,
     dry_run: bool,
@@ -199,6 +203,8 @@ def pull_settings(
         ca_file=ca_file,
         insecure=insecure,
         tls_server_name=tls_server_name,
+        client_cert=client_cert,
+        client_key=client_key,
         agent_name=agent_name or f"pull@{socket.gethostname()}",
     )
 

@@ -66,6 +66,8 @@ SHARED_KEYS = frozenset(
         "ca_file",
         "insecure",
         "tls_server_name",
+        "client_cert",
+        "client_key",
         "name",
         "output",
         "max_in_flight",
@@ -278,6 +280,9 @@ class _Reader:
             extra["output"] = output
         if (ca_file := self._string(merged, "ca_file")) is not None:
             extra["ca_file"] = self._path(ca_file)
+        for key in ("client_cert", "client_key"):
+            if (path := self._string(merged, key)) is not None:
+                extra[key] = self._path(path)
         if (grace := self._number(merged, "shutdown_grace", minimum=0.0)) is not None:
             extra["shutdown_grace_s"] = grace
         for key in ("keepalive_time", "keepalive_timeout"):

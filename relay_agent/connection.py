@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import pathlib
 from collections.abc import Sequence
 from typing import TypeAlias
 
@@ -105,6 +106,20 @@ class Connection:
         credit = relay_pb2.Credit(max_in_flight=max(0, min(max_in_flight, _UINT32_MAX)))
         await self._outbox.put(relay_pb2.AgentMessage(credit=credit))
 
+    async def reply(
+        self, lease_id: str, response: models.Response, retry_after_ms: int | None
+    ) -> None:
+        """Settle with the destination's answer (2xx: like Ack, else like Nack)."""
+        reply = relay_pb2.Reply(
+            lease_id=lease_id,
+            status=response.status,
+            headers=[relay_pb2.Header(name=k, value=v) for k, v in response.headers],
+            body=response.body,
+            retry_after_ms=wire_retry_after_ms(retry_after_ms),
+            body_too_large=response.body_too_large,
+        )
+        await self._outbox.put(relay_pb2.AgentMessage(reply=reply))
+
     async def reject(self, lease_id: str, reason: str) -> None:
         reject = relay_pb2.Reject(lease_id=lease_id, reason=reason[:_MAX_REASON_CHARS])
         await self._outbox.put(relay_pb2.AgentMessage(reject=reject))
@@ -173,7 +188,11 @@ def make_channel(agent_settings: settings.AgentSettings) -> grpc.aio.Channel:
         return grpc.aio.insecure_channel(agent_settings.server, options=options)
     if agent_settings.tls_server_name:
         options.append(("grpc.ssl_target_name_override", agent_settings.tls_server_name))
-    credentials = grpc.ssl_channel_credentials(root_certificates=_read_ca(agent_settings))
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(agent_settings.ca_file, "CA file"),
+        private_key=_read(agent_settings.client_key, "client key"),
+        certificate_chain=_read(agent_settings.client_cert, "client certificate"),
+    )
     return grpc.aio.secure_channel(agent_settings.server, credentials, options=options)
 
 
@@ -225,15 +244,13 @@ def wire_retry_after_ms(retry_after_ms: int | None) -> int:
     return min(max(retry_after_ms, 1), _UINT32_MAX)
 
 
-def _read_ca(agent_settings: settings.AgentSettings) -> bytes | None:
-    if agent_settings.ca_file is None:
+def _read(path: pathlib.Path | None, what: str) -> bytes | None:
+    if path is None:
         return None
     try:
-        return agent_settings.ca_file.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
-        raise errors.ConfigError(
-            f"cannot read the CA file {agent_settings.ca_file}: {exc.strerror}"
-        ) from exc
+        raise errors.ConfigError(f"cannot read the {what} {path}: {exc.strerror}") from exc
 
 
 @dataclasses.dataclass(slots=True)

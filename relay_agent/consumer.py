@@ -152,6 +152,11 @@ class Event:
         return self.delivery.replay
 
     @property
+    def reply_wanted(self) -> bool:
+        """The sender waits for this event's answer (input response mode "wait"): see reply()."""
+        return self.delivery.reply_wanted
+
+    @property
     def lease_deadline(self) -> datetime.datetime:
         """The server's deadline when the event was leased (heartbeats move it on)."""
         return self.delivery.lease_deadline
@@ -180,6 +185,20 @@ class Event:
         The reason is stored as the delivery's last error (operators see it).
         """
         await self.settle(models.Nack(retry_after_ms=retry_after_ms(retry_after), reason=reason))
+
+    async def reply(
+        self, status: int, headers: Iterable[tuple[str, str]] = (), body: bytes = b""
+    ) -> None:
+        """Settle with an HTTP answer, relayed to the sender when it waits (reply_wanted).
+
+        2xx acknowledges the event like ack(); any other status is a failed attempt,
+        retried like nack(). Bodies over 1 MiB reach the sender as a 502.
+        """
+        response = models.Response(status=status, headers=tuple(headers), body=body)
+        if 200 <= status < 300:
+            await self.settle(models.Ack(response=response))
+        else:
+            await self.settle(models.Nack(reason=f"HTTP {status}", response=response))
 
     async def reject(self, reason: str) -> None:
         """Poison: the event can never be handled; dead-letter it without retrying."""
@@ -636,6 +655,10 @@ class _Stream:
 
     async def _send(self, lease_id: str, outcome: models.Outcome) -> None:
         match outcome:
+            case models.Ack(response=models.Response() as response):
+                await self._conn.reply(lease_id, response, None)
+            case models.Nack(retry_after_ms=retry_after_ms, response=models.Response() as response):
+                await self._conn.reply(lease_id, response, retry_after_ms)
             case models.Ack():
                 await self._conn.ack([lease_id])
             case models.Nack(retry_after_ms=retry_after_ms, reason=reason):

@@ -35,6 +35,8 @@ class Delivery:
     lease_deadline: datetime.datetime  # server's deadline for this lease (aware)
     output: str
     replay: bool  # created by a replay of a stored event
+    # A caller waits for the destination's answer: settle with an outcome carrying it.
+    reply_wanted: bool = False
 
     def __post_init__(self) -> None:
         _check_aware("received_at", self.received_at)
@@ -57,6 +59,7 @@ class Delivery:
             lease_deadline=_timestamp(message, "lease_deadline"),
             output=message.output,
             replay=message.replay,
+            reply_wanted=message.reply_wanted,
         )
 
     def log_context(self) -> dict[str, Any]:
@@ -110,8 +113,20 @@ class LeaseLost:
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Response:
+    """The destination's HTTP answer, relayed to a caller waiting for it (reply_wanted)."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+    body_too_large: bool = False  # the body exceeded the cap and is left out
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Ack:
     """The destination took the event: the delivery is done."""
+
+    response: Response | None = None  # sent as a Reply when set
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -124,6 +139,7 @@ class Nack:
 
     retry_after_ms: int | None = None
     reason: str
+    response: Response | None = None  # sent as a Reply when set
 
     def __post_init__(self) -> None:
         if self.retry_after_ms is not None and self.retry_after_ms < 0:

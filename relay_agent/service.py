@@ -61,7 +61,7 @@ class ConfigPaths:
     """What the unit needs from an agent config file: the paths it names, and hints."""
 
     dirs: tuple[pathlib.PurePosixPath, ...]  # `dir` destinations: the only writable places
-    reads: tuple[pathlib.PurePosixPath, ...]  # token_file, ca_file: must stay visible
+    reads: tuple[pathlib.PurePosixPath, ...]  # token_file, ca_file, ...: must stay visible
     token_envs: tuple[str, ...] = ()  # the token comes from these environment variables
     runs_commands: bool = False  # some subscription has an `exec` destination
 
@@ -130,7 +130,8 @@ def config_paths(data: Mapping[str, Any]) -> ConfigPaths:
     """The paths named by a parsed agent config; relative ones are refused.
 
     Only the keys the unit cares about are read: relay_agent.config checks the rest.
-    token_file, ca_file and token_env may be set at the top level and per subscription.
+    token_file, ca_file, client_cert, client_key and token_env may be set at the top level
+    and per subscription.
     """
     subscriptions = data.get("subscription", [])
     if not isinstance(subscriptions, list) or not all(
@@ -142,7 +143,7 @@ def config_paths(data: Mapping[str, Any]) -> ConfigPaths:
     reads = [
         _path_value(table, key, f"{prefix}{key}")
         for prefix, table in tables
-        for key in ("token_file", "ca_file")
+        for key in ("token_file", "ca_file", "client_cert", "client_key")
     ]
     token_envs = [table.get("token_env") for _, table in tables]
     return ConfigPaths(

@@ -101,6 +101,9 @@ class AgentSettings:
     ca_file: pathlib.Path | None = None  # PEM roots to trust instead of the system's
     insecure: bool = False  # plaintext gRPC: only for tests and loopback
     tls_server_name: str | None = None  # name to check in the server's certificate
+    # mTLS: the certificate chain and private key (PEM) this agent presents to the server
+    client_cert: pathlib.Path | None = None
+    client_key: pathlib.Path | None = None
     keepalive_time_ms: int = DEFAULT_KEEPALIVE_TIME_MS
     keepalive_timeout_ms: int = DEFAULT_KEEPALIVE_TIMEOUT_MS
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
@@ -136,6 +139,15 @@ class AgentSettings:
             raise errors.ConfigError(
                 "--tls-server-name and --insecure contradict each other: "
                 "there is no certificate to check without TLS"
+            )
+        if (self.client_cert is None) != (self.client_key is None):
+            raise errors.ConfigError(
+                "a client certificate needs both --client-cert and --client-key"
+            )
+        if self.insecure and self.client_cert is not None:
+            raise errors.ConfigError(
+                "--client-cert and --insecure contradict each other: "
+                "a client certificate is presented in the TLS handshake"
             )
 
 

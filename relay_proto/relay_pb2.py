@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dstowhook/relay/v1/relay.proto\x12\x11stowhook.relay.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcb\x02\n\x0c\x41gentMessage\x12\x31\n\tsubscribe\x18\x01 \x01(\x0b\x32\x1c.stowhook.relay.v1.SubscribeH\x00\x12%\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x16.stowhook.relay.v1.AckH\x00\x12\'\n\x04nack\x18\x03 \x01(\x0b\x32\x17.stowhook.relay.v1.NackH\x00\x12+\n\x06\x65xtend\x18\x04 \x01(\x0b\x32\x19.stowhook.relay.v1.ExtendH\x00\x12+\n\x06reject\x18\x05 \x01(\x0b\x32\x19.stowhook.relay.v1.RejectH\x00\x12)\n\x05reply\x18\x06 \x01(\x0b\x32\x18.stowhook.relay.v1.ReplyH\x00\x12+\n\x06\x63redit\x18\x07 \x01(\x0b\x32\x19.stowhook.relay.v1.CreditH\x00\x42\x06\n\x04kind\"h\n\tSubscribe\x12\x0f\n\x07\x62uckets\x18\x01 \x03(\t\x12\x15\n\rmax_in_flight\x18\x02 \x01(\r\x12\x12\n\nagent_name\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x0e\n\x06output\x18\x05 \x01(\t\"\x18\n\x03\x41\x63k\x12\x11\n\tlease_ids\x18\x01 \x03(\t\"@\n\x04Nack\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\".\n\x06\x45xtend\x12\x11\n\tlease_ids\x18\x01 \x03(\t\x12\x11\n\textend_ms\x18\x02 \x01(\r\"*\n\x06Reject\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"c\n\x05Reply\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\r\x12*\n\x07headers\x18\x03 \x03(\x0b\x32\x19.stowhook.relay.v1.Header\x12\x0c\n\x04\x62ody\x18\x04 \x01(\x0c\"\x1f\n\x06\x43redit\x12\x15\n\rmax_in_flight\x18\x01 \x01(\r\"\xb0\x01\n\rServerMessage\x12-\n\x07welcome\x18\x01 \x01(\x0b\x32\x1a.stowhook.relay.v1.WelcomeH\x00\x12\x36\n\ndeliveries\x18\x02 \x01(\x0b\x32 .stowhook.relay.v1.DeliveryBatchH\x00\x12\x30\n\x06notice\x18\x03 \x01(\x0b\x32\x1e.stowhook.relay.v1.LeaseNoticeH\x00\x42\x06\n\x04kind\"o\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12\x10\n\x08lease_ms\x18\x03 \x01(\r\x12\x0f\n\x07\x62uckets\x18\x04 \x03(\t\x12\x15\n\rmax_in_flight\x18\x05 \x01(\r\"@\n\rDeliveryBatch\x12/\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1b.stowhook.relay.v1.Delivery\"%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xcd\x02\n\x08\x44\x65livery\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x03 \x01(\t\x12\x10\n\x08input_id\x18\x04 \x01(\t\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x0c\n\x04path\x18\x06 \x01(\t\x12\r\n\x05query\x18\x07 \x01(\t\x12*\n\x07headers\x18\x08 \x03(\x0b\x32\x19.stowhook.relay.v1.Header\x12\x0c\n\x04\x62ody\x18\t \x01(\x0c\x12/\n\x0breceived_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x0b \x01(\r\x12\x32\n\x0elease_deadline\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06output\x18\r \x01(\t\x12\x0e\n\x06replay\x18\x0e \x01(\x08\"\x92\x01\n\x0bLeaseNotice\x12\x11\n\tlease_ids\x18\x01 \x03(\t\x12\x31\n\x04\x63ode\x18\x02 \x01(\x0e\x32#.stowhook.relay.v1.LeaseNotice.Code\x12\x0f\n\x07message\x18\x03 \x01(\t\",\n\x04\x43ode\x12\x14\n\x10\x43ODE_UNSPECIFIED\x10\x00\x12\x0e\n\nLEASE_LOST\x10\x01\x32^\n\nAgentRelay\x12P\n\x07\x43onnect\x12\x1f.stowhook.relay.v1.AgentMessage\x1a .stowhook.relay.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dstowhook/relay/v1/relay.proto\x12\x11stowhook.relay.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcb\x02\n\x0c\x41gentMessage\x12\x31\n\tsubscribe\x18\x01 \x01(\x0b\x32\x1c.stowhook.relay.v1.SubscribeH\x00\x12%\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x16.stowhook.relay.v1.AckH\x00\x12\'\n\x04nack\x18\x03 \x01(\x0b\x32\x17.stowhook.relay.v1.NackH\x00\x12+\n\x06\x65xtend\x18\x04 \x01(\x0b\x32\x19.stowhook.relay.v1.ExtendH\x00\x12+\n\x06reject\x18\x05 \x01(\x0b\x32\x19.stowhook.relay.v1.RejectH\x00\x12)\n\x05reply\x18\x06 \x01(\x0b\x32\x18.stowhook.relay.v1.ReplyH\x00\x12+\n\x06\x63redit\x18\x07 \x01(\x0b\x32\x19.stowhook.relay.v1.CreditH\x00\x42\x06\n\x04kind\"h\n\tSubscribe\x12\x0f\n\x07\x62uckets\x18\x01 \x03(\t\x12\x15\n\rmax_in_flight\x18\x02 \x01(\r\x12\x12\n\nagent_name\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x0e\n\x06output\x18\x05 \x01(\t\"\x18\n\x03\x41\x63k\x12\x11\n\tlease_ids\x18\x01 \x03(\t\"@\n\x04Nack\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\".\n\x06\x45xtend\x12\x11\n\tlease_ids\x18\x01 \x03(\t\x12\x11\n\textend_ms\x18\x02 \x01(\r\"*\n\x06Reject\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x93\x01\n\x05Reply\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\r\x12*\n\x07headers\x18\x03 \x03(\x0b\x32\x19.stowhook.relay.v1.Header\x12\x0c\n\x04\x62ody\x18\x04 \x01(\x0c\x12\x16\n\x0eretry_after_ms\x18\x05 \x01(\r\x12\x16\n\x0e\x62ody_too_large\x18\x06 \x01(\x08\"\x1f\n\x06\x43redit\x12\x15\n\rmax_in_flight\x18\x01 \x01(\r\"\xb0\x01\n\rServerMessage\x12-\n\x07welcome\x18\x01 \x01(\x0b\x32\x1a.stowhook.relay.v1.WelcomeH\x00\x12\x36\n\ndeliveries\x18\x02 \x01(\x0b\x32 .stowhook.relay.v1.DeliveryBatchH\x00\x12\x30\n\x06notice\x18\x03 \x01(\x0b\x32\x1e.stowhook.relay.v1.LeaseNoticeH\x00\x42\x06\n\x04kind\"o\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12\x10\n\x08lease_ms\x18\x03 \x01(\r\x12\x0f\n\x07\x62uckets\x18\x04 \x03(\t\x12\x15\n\rmax_in_flight\x18\x05 \x01(\r\"@\n\rDeliveryBatch\x12/\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1b.stowhook.relay.v1.Delivery\"%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xe3\x02\n\x08\x44\x65livery\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x03 \x01(\t\x12\x10\n\x08input_id\x18\x04 \x01(\t\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x0c\n\x04path\x18\x06 \x01(\t\x12\r\n\x05query\x18\x07 \x01(\t\x12*\n\x07headers\x18\x08 \x03(\x0b\x32\x19.stowhook.relay.v1.Header\x12\x0c\n\x04\x62ody\x18\t \x01(\x0c\x12/\n\x0breceived_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x0b \x01(\r\x12\x32\n\x0elease_deadline\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06output\x18\r \x01(\t\x12\x0e\n\x06replay\x18\x0e \x01(\x08\x12\x14\n\x0creply_wanted\x18\x0f \x01(\x08\"\x92\x01\n\x0bLeaseNotice\x12\x11\n\tlease_ids\x18\x01 \x03(\t\x12\x31\n\x04\x63ode\x18\x02 \x01(\x0e\x32#.stowhook.relay.v1.LeaseNotice.Code\x12\x0f\n\x07message\x18\x03 \x01(\t\",\n\x04\x43ode\x12\x14\n\x10\x43ODE_UNSPECIFIED\x10\x00\x12\x0e\n\nLEASE_LOST\x10\x01\x32^\n\nAgentRelay\x12P\n\x07\x43onnect\x12\x1f.stowhook.relay.v1.AgentMessage\x1a .stowhook.relay.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,24 +44,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXTEND']._serialized_end=663
   _globals['_REJECT']._serialized_start=665
   _globals['_REJECT']._serialized_end=707
-  _globals['_REPLY']._serialized_start=709
-  _globals['_REPLY']._serialized_end=808
-  _globals['_CREDIT']._serialized_start=810
-  _globals['_CREDIT']._serialized_end=841
-  _globals['_SERVERMESSAGE']._serialized_start=844
-  _globals['_SERVERMESSAGE']._serialized_end=1020
-  _globals['_WELCOME']._serialized_start=1022
-  _globals['_WELCOME']._serialized_end=1133
-  _globals['_DELIVERYBATCH']._serialized_start=1135
-  _globals['_DELIVERYBATCH']._serialized_end=1199
-  _globals['_HEADER']._serialized_start=1201
-  _globals['_HEADER']._serialized_end=1238
-  _globals['_DELIVERY']._serialized_start=1241
-  _globals['_DELIVERY']._serialized_end=1574
-  _globals['_LEASENOTICE']._serialized_start=1577
-  _globals['_LEASENOTICE']._serialized_end=1723
-  _globals['_LEASENOTICE_CODE']._serialized_start=1679
-  _globals['_LEASENOTICE_CODE']._serialized_end=1723
-  _globals['_AGENTRELAY']._serialized_start=1725
-  _globals['_AGENTRELAY']._serialized_end=1819
+  _globals['_REPLY']._serialized_start=710
+  _globals['_REPLY']._serialized_end=857
+  _globals['_CREDIT']._serialized_start=859
+  _globals['_CREDIT']._serialized_end=890
+  _globals['_SERVERMESSAGE']._serialized_start=893
+  _globals['_SERVERMESSAGE']._serialized_end=1069
+  _globals['_WELCOME']._serialized_start=1071
+  _globals['_WELCOME']._serialized_end=1182
+  _globals['_DELIVERYBATCH']._serialized_start=1184
+  _globals['_DELIVERYBATCH']._serialized_end=1248
+  _globals['_HEADER']._serialized_start=1250
+  _globals['_HEADER']._serialized_end=1287
+  _globals['_DELIVERY']._serialized_start=1290
+  _globals['_DELIVERY']._serialized_end=1645
+  _globals['_LEASENOTICE']._serialized_start=1648
+  _globals['_LEASENOTICE']._serialized_end=1794
+  _globals['_LEASENOTICE_CODE']._serialized_start=1750
+  _globals['_LEASENOTICE_CODE']._serialized_end=1794
+  _globals['_AGENTRELAY']._serialized_start=1796
+  _globals['_AGENTRELAY']._serialized_end=1890
 # @@protoc_insertion_point(module_scope)

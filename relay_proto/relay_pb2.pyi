@@ -75,16 +75,20 @@ class Reject(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Reply(_message.Message):
-    __slots__ = ("lease_id", "status", "headers", "body")
+    __slots__ = ("lease_id", "status", "headers", "body", "retry_after_ms", "body_too_large")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     HEADERS_FIELD_NUMBER: _ClassVar[int]
     BODY_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    BODY_TOO_LARGE_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     status: int
     headers: _containers.RepeatedCompositeFieldContainer[Header]
     body: bytes
-    def __init__(self, lease_id: _Optional[str] = ..., status: _Optional[int] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., body: _Optional[bytes] = ...) -> None: ...
+    retry_after_ms: int
+    body_too_large: bool
+    def __init__(self, lease_id: _Optional[str] = ..., status: _Optional[int] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., body: _Optional[bytes] = ..., retry_after_ms: _Optional[int] = ..., body_too_large: _Optional[bool] = ...) -> None: ...
 
 class Credit(_message.Message):
     __slots__ = ("max_in_flight",)
@@ -131,7 +135,7 @@ class Header(_message.Message):
     def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
 
 class Delivery(_message.Message):
-    __slots__ = ("lease_id", "event_id", "bucket", "input_id", "method", "path", "query", "headers", "body", "received_at", "attempt", "lease_deadline", "output", "replay")
+    __slots__ = ("lease_id", "event_id", "bucket", "input_id", "method", "path", "query", "headers", "body", "received_at", "attempt", "lease_deadline", "output", "replay", "reply_wanted")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     BUCKET_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +150,7 @@ class Delivery(_message.Message):
     LEASE_DEADLINE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     REPLAY_FIELD_NUMBER: _ClassVar[int]
+    REPLY_WANTED_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     event_id: str
     bucket: str
@@ -160,7 +165,8 @@ class Delivery(_message.Message):
     lease_deadline: _timestamp_pb2.Timestamp
     output: str
     replay: bool
-    def __init__(self, lease_id: _Optional[str] = ..., event_id: _Optional[str] = ..., bucket: _Optional[str] = ..., input_id: _Optional[str] = ..., method: _Optional[str] = ..., path: _Optional[str] = ..., query: _Optional[str] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., body: _Optional[bytes] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., lease_deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., output: _Optional[str] = ..., replay: _Optional[bool] = ...) -> None: ...
+    reply_wanted: bool
+    def __init__(self, lease_id: _Optional[str] = ..., event_id: _Optional[str] = ..., bucket: _Optional[str] = ..., input_id: _Optional[str] = ..., method: _Optional[str] = ..., path: _Optional[str] = ..., query: _Optional[str] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., body: _Optional[bytes] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., lease_deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., output: _Optional[str] = ..., replay: _Optional[bool] = ..., reply_wanted: _Optional[bool] = ...) -> None: ...
 
 class LeaseNotice(_message.Message):
     __slots__ = ("lease_ids", "code", "message")

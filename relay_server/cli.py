@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import click
 
-from relay_server import __version__, console, crypto, errors, settings
+from relay_server import __version__, console, crypto, errors, models, settings
 from relay_server import logging as relay_logging
 from relay_server.store import database, sql
 
@@ -47,10 +47,20 @@ class CliState:
         return crypto.load_key_file(self.key_file)
 
     def public_base(self) -> str:
-        listen = os.environ.get("STOWHOOK_HTTP_LISTEN") or self.serve_defaults.get(
-            "http_listen", settings.DEFAULT_HTTP_LISTEN
-        )
-        return settings.IngressSettings(listen=listen, public_url=self.public_url).base_url
+        listen = self._serve_setting("http_listen") or settings.DEFAULT_HTTP_LISTEN
+        cert, key = self._serve_setting("http_tls_cert"), self._serve_setting("http_tls_key")
+        with reported_errors():
+            return settings.IngressSettings(
+                listen=listen,
+                public_url=self.public_url,
+                tls_cert=pathlib.Path(cert) if cert else None,
+                tls_key=pathlib.Path(key) if key else None,
+            ).base_url
+
+    def _serve_setting(self, name: str) -> str | None:
+        """A serve option as `serve` would see it without flags: environment, then file."""
+        value = os.environ.get(f"STOWHOOK_{name.upper()}") or self.serve_defaults.get(name)
+        return None if value is None else str(value)
 
 
 class RelayCliError(click.ClickException):
@@ -189,6 +199,33 @@ def main(
     help="Largest webhook body accepted (413 above).",
 )
 @click.option(
+    "--unknown-input",
+    envvar="STOWHOOK_UNKNOWN_INPUT",
+    type=click.Choice(["200", "404"]),
+    default="200",
+    show_default=True,
+    help="Answer to webhooks for inputs that do not exist: 200 (the same empty answer as a "
+    "real input, so input ids cannot be probed) or 404.",
+)
+@click.option(
+    "--max-waiting",
+    envvar="STOWHOOK_MAX_WAITING",
+    type=click.IntRange(0),
+    default=1000,
+    show_default=True,
+    help="Callers held at once by inputs in response mode 'wait'; beyond it a caller gets "
+    "the timeout answer at once (the event is still stored and delivered).",
+)
+@click.option(
+    "--ephemeral-max-bytes",
+    envvar="STOWHOOK_EPHEMERAL_MAX_BYTES",
+    type=click.IntRange(0),
+    default=64 * settings.MIB,
+    show_default=True,
+    help="Memory for the payloads of ephemeral buckets' undelivered events; when full, "
+    "their webhooks get 503 + Retry-After.",
+)
+@click.option(
     "--trusted-proxy",
     "trusted_proxies",
     multiple=True,
@@ -203,6 +240,18 @@ def main(
     default=settings.DEFAULT_LEASE_MS,
     show_default=True,
     help="How long an agent holds a delivery without extending it.",
+)
+@click.option(
+    "--http-tls-cert",
+    envvar="STOWHOOK_HTTP_TLS_CERT",
+    type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+    help="Serve webhooks over HTTPS with this PEM certificate chain (with --http-tls-key).",
+)
+@click.option(
+    "--http-tls-key",
+    envvar="STOWHOOK_HTTP_TLS_KEY",
+    type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+    help="The HTTPS private key (PEM, unencrypted; refused if other users can read it).",
 )
 @click.option(
     "--grpc-tls-cert",
@@ -274,6 +323,114 @@ def main(
     help="How often the cleaner deletes what the buckets' retention lets go.",
 )
 @click.option(
+    "--auth-failure-limit",
+    envvar="STOWHOOK_AUTH_FAILURE_LIMIT",
+    type=click.IntRange(0),
+    default=settings.AuthThrottleSettings().max_failures,
+    show_default=True,
+    help="Refused credentials or signatures (webhooks and agent tokens) one address may "
+    "send within --auth-failure-window; after that it gets 429 / RESOURCE_EXHAUSTED "
+    "without its credentials being looked at. 0 turns throttling off.",
+)
+@click.option(
+    "--auth-failure-window",
+    envvar="STOWHOOK_AUTH_FAILURE_WINDOW",
+    default="1m",
+    show_default=True,
+    help="The window over which --auth-failure-limit counts.",
+)
+@click.option(
+    "--source-rate",
+    envvar="STOWHOOK_SOURCE_RATE",
+    default=f"{settings.DEFAULT_SOURCE_RATE.per_s:g}/s",
+    show_default=True,
+    help="Webhooks one address (IPv6: one /64) may send, on average, e.g. 1000/s or 600/m; "
+    "beyond it 429 + Retry-After. 0 turns the per-source limit off. Behind a reverse proxy "
+    "set --trusted-proxy, or every sender counts as the proxy.",
+)
+@click.option(
+    "--source-burst",
+    envvar="STOWHOOK_SOURCE_BURST",
+    type=click.IntRange(1),
+    default=settings.DEFAULT_SOURCE_RATE.burst,
+    show_default=True,
+    help="Webhooks one address may send at once above --source-rate.",
+)
+@click.option(
+    "--max-request-line",
+    envvar="STOWHOOK_MAX_REQUEST_LINE",
+    type=click.IntRange(1),
+    default=settings.ReadLimits().max_request_line,
+    show_default=True,
+    help="Longest request line (method, path, query) in bytes; 431 above.",
+)
+@click.option(
+    "--max-header-bytes",
+    envvar="STOWHOOK_MAX_HEADER_BYTES",
+    type=click.IntRange(1),
+    default=settings.ReadLimits().max_header_bytes,
+    show_default=True,
+    help="Longest header line in bytes; 431 above.",
+)
+@click.option(
+    "--max-headers",
+    envvar="STOWHOOK_MAX_HEADERS",
+    type=click.IntRange(1),
+    default=settings.ReadLimits().max_headers,
+    show_default=True,
+    help="Most header lines in one request; 431 above.",
+)
+@click.option(
+    "--header-timeout",
+    envvar="STOWHOOK_HEADER_TIMEOUT",
+    default=console.format_duration_ms(int(settings.ReadLimits().header_timeout_s * 1000)),
+    show_default=True,
+    help="A request's headers must all arrive within this (from the connection opening or "
+    "the request's first byte), else 408 and the connection is closed (slow senders).",
+)
+@click.option(
+    "--body-timeout",
+    envvar="STOWHOOK_BODY_TIMEOUT",
+    default=console.format_duration_ms(int(settings.ReadLimits().body_timeout_s * 1000)),
+    show_default=True,
+    help="A request's body must all arrive within this after its headers, else the "
+    "connection is closed and nothing is stored.",
+)
+@click.option(
+    "--idle-timeout",
+    envvar="STOWHOOK_IDLE_TIMEOUT",
+    default=console.format_duration_ms(int(settings.ReadLimits().idle_timeout_s * 1000)),
+    show_default=True,
+    help="Close a kept-alive connection on which no next request starts within this; keep "
+    "it longer than a reverse proxy's own idle timeout.",
+)
+@click.option(
+    "--grpc-max-streams-per-token",
+    envvar="STOWHOOK_GRPC_MAX_STREAMS_PER_TOKEN",
+    type=click.IntRange(1),
+    default=settings.DEFAULT_STREAMS_PER_TOKEN,
+    show_default=True,
+    help="Agent streams one token may hold open at once; one more is refused with "
+    "RESOURCE_EXHAUSTED naming the token and the limit.",
+)
+@click.option(
+    "--grpc-max-in-flight",
+    envvar="STOWHOOK_GRPC_MAX_IN_FLIGHT",
+    type=click.IntRange(1),
+    default=settings.GrpcSettings().max_in_flight,
+    show_default=True,
+    help="Deliveries one agent stream may hold at once, whatever the agent asks for.",
+)
+@click.option(
+    "--grpc-max-frame-bytes",
+    envvar="STOWHOOK_GRPC_MAX_FRAME_BYTES",
+    type=click.IntRange(1),
+    default=settings.GrpcSettings().max_frame_bytes,
+    show_default=True,
+    help="Largest frame an agent may send (a wait-mode reply carries the destination's "
+    "body); a larger one ends its stream with RESOURCE_EXHAUSTED.",
+)
+@click.option(
     "--migrate/--no-migrate",
     default=True,
     show_default=True,
@@ -296,6 +453,20 @@ def serve(state: CliState, /, **options: Any) -> None:
                 public_url=state.public_url,
                 max_body_bytes=options["max_body_bytes"],
                 trusted_proxies=tuple(options["trusted_proxies"]),
+                tls_cert=options["http_tls_cert"],
+                tls_key=options["http_tls_key"],
+                unknown_input_status=int(options["unknown_input"]),
+                max_waiting=options["max_waiting"],
+                ephemeral_max_bytes=options["ephemeral_max_bytes"],
+                source_rate=_source_rate(options["source_rate"], options["source_burst"]),
+                read_limits=settings.ReadLimits(
+                    max_request_line=options["max_request_line"],
+                    max_header_bytes=options["max_header_bytes"],
+                    max_headers=options["max_headers"],
+                    header_timeout_s=console.parse_duration_ms(options["header_timeout"]) / 1000,
+                    body_timeout_s=console.parse_duration_ms(options["body_timeout"]) / 1000,
+                    idle_timeout_s=console.parse_duration_ms(options["idle_timeout"]) / 1000,
+                ),
             ),
             grpc=settings.GrpcSettings(
                 listen=options["grpc_listen"],
@@ -305,6 +476,9 @@ def serve(state: CliState, /, **options: Any) -> None:
                 keepalive_time_ms=console.parse_duration_ms(options["grpc_keepalive_time"]),
                 keepalive_timeout_ms=console.parse_duration_ms(options["grpc_keepalive_timeout"]),
                 min_agent_ping_ms=console.parse_duration_ms(options["grpc_min_agent_ping"]),
+                max_streams_per_token=options["grpc_max_streams_per_token"],
+                max_in_flight=options["grpc_max_in_flight"],
+                max_frame_bytes=options["grpc_max_frame_bytes"],
             ),
             dispatch=settings.DispatchSettings(
                 lease_ms=options["lease_ms"],
@@ -316,10 +490,19 @@ def serve(state: CliState, /, **options: Any) -> None:
                 ),
             ),
             migrate_on_start=options["migrate"],
+            auth_throttle=settings.AuthThrottleSettings(
+                max_failures=options["auth_failure_limit"],
+                window_s=console.parse_duration_ms(options["auth_failure_window"]) / 1000,
+            ),
         )
         keyring = crypto.load_key_file(state.key_file)
         relay = server.RelayServer(config, keyring)
         _run_until_signalled(relay)
+
+
+def _source_rate(rate: str, burst: int) -> models.RateLimit | None:
+    per_s = console.parse_rate(rate)
+    return models.RateLimit(per_s=per_s, burst=burst) if per_s > 0 else None
 
 
 def _run_until_signalled(relay: Any) -> None:
@@ -327,6 +510,7 @@ def _run_until_signalled(relay: Any) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, relay.stop)
+        loop.add_signal_handler(signal.SIGHUP, relay.reload_keys)  # re-read the key file now
         await relay.run()
 
     try:
@@ -349,9 +533,24 @@ def migrate(state: CliState) -> None:
     click.echo("database schema is up to date")
 
 
-from relay_server import cli_admin, cli_buckets, cli_events, cli_setup  # noqa: E402  (commands register on `main`)
+from relay_server import (  # noqa: E402  (commands register on `main`)
+    cli_admin,
+    cli_audit,
+    cli_buckets,
+    cli_events,
+    cli_limits,
+    cli_respond,
+    cli_security,
+    cli_setup,
+    cli_tls,
+)
 
 cli_setup.register(main)
 cli_admin.register(main)
+cli_admin.input_.add_command(cli_respond.input_respond)
+cli_admin.input_.add_command(cli_limits.input_limit)
+cli_admin.token.add_command(cli_tls.token_bind)
 cli_buckets.register(main)
+cli_security.register(main)  # after the bucket and input groups
 cli_events.register(main)
+cli_audit.register(main)

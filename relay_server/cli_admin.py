@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import functools
 import getpass
+import socket
 from collections.abc import Callable
 from typing import Any
 
 import click
 
 from relay_server import auth, cli, console, models
+from relay_server.ingress import answers, limits, signatures
 from relay_server.store import sql
 
 
@@ -48,9 +50,25 @@ def actor() -> str:
 
 
 async def audited(
-    store: sql.SqlStore, action: str, resource: str, detail: str | None = None
+    store: sql.SqlStore,
+    action: str,
+    resource: str,
+    detail: str | None = None,
+    *,
+    result: str = "ok",
 ) -> None:
-    await store.audit(actor=actor(), action=action, resource=resource, detail=detail)
+    """One audit entry for this command: who (cli:<user>), from where (this host), what.
+
+    `detail` must never hold a secret or a body: ids, names and settings only.
+    """
+    await store.audit(
+        actor=actor(),
+        action=action,
+        resource=resource,
+        detail=detail,
+        result=result,
+        source=socket.gethostname() or "cli",
+    )
 
 
 # ---- account ---------------------------------------------------------------------------
@@ -154,10 +172,63 @@ def token_list(state: cli.CliState, account_name: str, as_json: bool) -> None:
                 "revoked" if t.revoked_at else "active",
                 console.format_time(t.created_at),
                 console.format_time(t.last_used_at),
+                _previous_secret(t),
             )
             for t, names in found
         ],
-        ["KEY ID", "NAME", "BUCKETS", "STATUS", "CREATED", "LAST USED"],
+        ["KEY ID", "NAME", "BUCKETS", "STATUS", "CREATED", "LAST USED", "OLD SECRET VALID UNTIL"],
+    )
+
+
+def _previous_secret(found: models.Token) -> str:
+    until = found.previous_valid_until
+    if until is None or found.revoked_at is not None or models.to_ms(until) <= models.now_ms():
+        return "-"
+    return console.format_time(until)
+
+
+@token.command("rotate")
+@click.argument("key_id")
+@click.option(
+    "--grace",
+    default="1h",
+    show_default=True,
+    metavar="DURATION",
+    help="How long the current secret keeps working beside the new one (0: ends now).",
+)
+@admin
+@click.pass_obj
+def token_rotate(
+    state: cli.CliState, key_id: str, grace: str, account_name: str, as_json: bool
+) -> None:
+    """Give a token a new secret (same key id); the old one works until the grace ends.
+
+    Agents keep running on the old secret meanwhile: update each to the new one, then
+    watch `token_previous_secret_used` disappear from the server log.
+    """
+    grace_ms = console.parse_duration_ms(grace)
+    secret = auth.new_token()[1]
+
+    async def action(store: sql.SqlStore) -> models.Token:
+        acct = await store.get_account(account_name)
+        rotated = await store.rotate_token(acct.id, key_id, auth.hash_secret(secret), grace_ms)
+        await audited(store, "token.rotate", f"token:{key_id}", f"grace={grace}")
+        return rotated
+
+    rotated = cli.run_with_store(state, action)
+    full = f"{key_id}.{secret}"
+    until = rotated.previous_valid_until
+    if as_json:
+        console.emit_json(
+            {"key_id": key_id, "token": full, "previous_valid_until": console.to_jsonable(until)}
+        )
+        return
+    click.echo(f"rotated token {key_id}")
+    click.echo(f"token: {full}")
+    old = f"until {console.format_time(until)} UTC" if until else "no longer (--grace 0)"
+    click.echo(
+        f"The old secret works {old}. This is the only time the new secret is shown.",
+        err=True,
     )
 
 
@@ -236,7 +307,19 @@ def input_list(
         )
         return
     console.table(
-        [(i.id, i.name, b, f"{base}/in/{i.id}") for i, b in found], ["ID", "NAME", "BUCKET", "URL"]
+        [
+            (
+                i.id,
+                i.name,
+                b,
+                answers.describe(i.response),
+                limits.describe(i.rate_limit) if i.rate_limit else "-",
+                signatures.describe(i.verification),
+                f"{base}/in/{i.id}",
+            )
+            for i, b in found
+        ],
+        ["ID", "NAME", "BUCKET", "RESPONSE", "RATE LIMIT", "SIGNATURES", "URL"],
     )
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -15,9 +14,8 @@ import click
 
 from relay_server import cli, console, models
 from relay_server.cli_admin import admin, audited
+from relay_server.ingress import answers, gate, signatures
 from relay_server.store import sql
-
-HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}$")  # an HTTP token
 
 
 def register(group: click.Group) -> None:
@@ -80,6 +78,12 @@ def policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "Answer a repeated provider event id as a duplicate for this long",
             defaults.dedup_window_ms,
         ),
+        click.option(
+            "--ephemeral/--durable",
+            default=None,
+            help="Ephemeral: body, headers, query and path stay in the server's memory, never "
+            "in the database; a restart loses undelivered events [default: durable].",
+        ),
     ]
     for decorate in reversed(decorators):
         fn = decorate(fn)
@@ -91,6 +95,8 @@ def apply_policy(base: models.BucketPolicy, options: dict[str, Any]) -> models.B
     changes: dict[str, Any] = {}
     if options["max_attempts"] is not None:
         changes["max_attempts"] = options["max_attempts"]
+    if options["ephemeral"] is not None:
+        changes["ephemeral"] = options["ephemeral"]
     for flag, field in (
         ("max_age", "max_age_ms"),
         ("retention", "retention_ms"),
@@ -117,7 +123,7 @@ def _dedup_headers(base: models.BucketPolicy, options: dict[str, Any]) -> tuple[
     if not named and not presets:
         return None
     for name in named:
-        if not HEADER_NAME.match(name):
+        if not answers.HEADER_NAME.match(name):
             raise click.UsageError(f"{name!r} is not a header name")
     wanted = [*(named or base.dedup_headers), *(models.DEDUP_PRESETS[p] for p in presets)]
     unique: dict[str, str] = {}
@@ -136,6 +142,7 @@ def _policy_options(options: dict[str, Any]) -> dict[str, Any]:
         "dedup_presets",
         "no_dedup",
         "dedup_window",
+        "ephemeral",
     )
     return {key: options.pop(key) for key in keys}
 
@@ -228,6 +235,12 @@ def bucket_list(state: cli.CliState, account_name: str, as_json: bool) -> None:
     console.table([_bucket_row(b) for b in found], [*BUCKET_COLUMNS, "CREATED"])
 
 
+PAYLOADS = {
+    False: "sealed in the database (durable)",
+    True: "in server memory only (ephemeral: a restart loses undelivered events)",
+}
+
+
 def _print_policy(p: models.BucketPolicy) -> None:
     dedup = (
         f"on {', '.join(p.dedup_headers)} for {console.format_duration_ms(p.dedup_window_ms)}"
@@ -239,7 +252,8 @@ def _print_policy(p: models.BucketPolicy) -> None:
         f"{console.format_duration_ms(p.max_age_ms)}\n"
         f"retention: events {console.format_duration_ms(p.retention_ms)}, "
         f"dead letters {console.format_duration_ms(p.dlq_retention_ms)}\n"
-        f"dedup: {dedup}"
+        f"dedup: {dedup}\n"
+        f"payloads: {PAYLOADS[p.ephemeral]}"
     )
 
 
@@ -274,6 +288,7 @@ def bucket_show(state: cli.CliState, name: str, account_name: str, as_json: bool
         return
     click.echo(f"bucket {found.name}")
     _print_policy(found.policy)
+    click.echo(f"input auth: {gate.describe_auth(found.input_auth)}")
     click.echo(
         "deliveries: "
         + ", ".join(f"{s} {counts.get(s, 0)}" for s in models.DeliveryState)
@@ -281,8 +296,8 @@ def bucket_show(state: cli.CliState, name: str, account_name: str, as_json: bool
     )
     for o in outputs:
         click.echo(f"output: {o.name}{' (ordered)' if o.ordered else ''}")
-    for url in urls:
-        click.echo(f"input: {url}")
+    for (found_input, _), url in zip(inputs, urls, strict=True):
+        click.echo(f"input: {url} (signatures: {signatures.describe(found_input.verification)})")
 
 
 @bucket.command("delete")

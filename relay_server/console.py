@@ -1,7 +1,8 @@
-"""CLI output: aligned tables for people, JSON for scripts; duration parsing."""
+"""CLI output: aligned tables for people, JSON for scripts; duration and rate parsing."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as dt
 import enum
@@ -22,6 +23,18 @@ def parse_duration_ms(text: str) -> int:
     if match is None:
         raise click.BadParameter(f"{text!r} is not a duration like 30s, 15m, 48h or 7d")
     return int(float(match.group(1)) * _UNIT_MS[match.group(2) or "s"])
+
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:/\s*(s|m|h))?\s*$")
+_RATE_UNIT_S = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_rate(text: str) -> float:
+    """'10/s', '600/m', '100/h' (a bare number is per second) -> requests per second."""
+    match = _RATE.match(text)
+    if match is None:
+        raise click.BadParameter(f"{text!r} is not a rate like 10/s, 600/m or 100/h")
+    return float(match.group(1)) / _RATE_UNIT_S[match.group(2) or "s"]
 
 
 def format_duration_ms(ms: int) -> str:
@@ -57,12 +70,20 @@ def format_time(value: dt.datetime | None) -> str:
 
 
 def to_jsonable(value: Any) -> Any:
+    """Plain JSON values; bytes (e.g. a configured response body) become base64.
+
+    Dataclass fields hidden from repr (secrets, password hashes) are left out.
+    """
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {
+            f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value) if f.repr
+        }
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, dt.datetime):
         return value.isoformat()
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
     if isinstance(value, Mapping):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

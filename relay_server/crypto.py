@@ -6,18 +6,25 @@ new ones with its primary key. The associated data binds a record to its row (ev
 and field name), so a ciphertext copied to another row does not open.
 
 A key file holds one key per line as ``<key_id>:<base64 of 32 bytes>``; the first line is
-the primary. A file with a bare base64 key (no id) is read as key id ``k1``.
+the primary. A file with a bare base64 key (no id) is read as key id ``k1``. Rotation
+(`add_primary_key`, `remove_key`) rewrites the file atomically (a temporary file, fsync,
+rename) under a lock file, so a running server that re-reads it never sees half a file and
+two rotations cannot drop each other's key.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import fcntl
 import os
 import pathlib
+import re
 import secrets
 import stat
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
@@ -49,9 +56,8 @@ class KeyRing:
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         nonce = os.urandom(NONCE_BYTES)
-        key_id = self.primary_id.encode()
         sealed = self._ciphers[self.primary_id].encrypt(nonce, plaintext, aad)
-        return bytes((FORMAT_VERSION, len(key_id))) + key_id + nonce + sealed
+        return record_prefix(self.primary_id) + nonce + sealed
 
     def open(self, record: bytes, aad: bytes) -> bytes:
         key_id, nonce, sealed = _split(record)
@@ -61,11 +67,23 @@ class KeyRing:
         try:
             return cipher.decrypt(nonce, sealed, aad)
         except InvalidTag as exc:
-            raise errors.CryptoError() from exc
+            raise errors.CryptoError(
+                f"a record sealed with key {key_id!r} does not open: it was tampered with "
+                "or moved from another row (its associated data differs)"
+            ) from exc
 
     @staticmethod
     def key_id_of(record: bytes) -> str:
         return _split(record)[0]
+
+    def is_sealed_with_primary(self, record: bytes) -> bool:
+        return record.startswith(record_prefix(self.primary_id))
+
+
+def record_prefix(key_id: str) -> bytes:
+    """The first bytes of every record sealed with `key_id` (format version, id length, id)."""
+    encoded = key_id.encode()
+    return bytes((FORMAT_VERSION, len(encoded))) + encoded
 
 
 def _split(record: bytes) -> tuple[str, bytes, bytes]:
@@ -138,3 +156,71 @@ def write_new_key_file(path: pathlib.Path) -> None:
         handle.write(generate_key_line() + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def format_key_file(ring: KeyRing) -> str:
+    """The key file text for `ring`: the primary first, then the others in ring order."""
+    order = [ring.primary_id, *(k for k in ring.keys if k != ring.primary_id)]
+    return "".join(f"{k}:{base64.b64encode(ring.keys[k]).decode()}\n" for k in order)
+
+
+def next_key_id(existing: Mapping[str, bytes]) -> str:
+    """`k<N+1>` where N is the highest number among the `k<N>` ids in use."""
+    numbers = [int(m.group(1)) for k in existing if (m := re.fullmatch(r"k(\d+)", k))]
+    return f"k{max(numbers, default=0) + 1}"
+
+
+@contextlib.contextmanager
+def key_file_lock(path: pathlib.Path) -> Iterator[None]:
+    """Hold `<key file>.lock` exclusively; ConfigError at once if another rotation holds it."""
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise errors.ConfigError(
+                f"another key rotation is running (it holds {lock_path}); wait for it to end"
+            ) from exc
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def write_key_file(path: pathlib.Path, ring: KeyRing) -> None:
+    """Replace the key file atomically: a 0600 temporary file, fsync, rename, fsync folder.
+
+    The new file keeps the old one's owner, so a rotation run as root does not lock the
+    server's own user out of its keys.
+    """
+    owner = path.stat()
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        if (owner.st_uid, owner.st_gid) != (os.geteuid(), os.getegid()):
+            os.fchown(fd, owner.st_uid, owner.st_gid)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(format_key_file(ring))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def add_primary_key(path: pathlib.Path) -> KeyRing:
+    """Add a fresh AES-256 key to the key file as its primary; the old keys stay.
+
+    Call it under `key_file_lock`.
+    """
+    ring = load_key_file(path)
+    key_id = next_key_id(ring.keys)
+    rotated = KeyRing(primary_id=key_id, keys={key_id: secrets.token_bytes(KEY_BYTES), **ring.keys})
+    write_key_file(path, rotated)
+    return rotated

@@ -9,7 +9,8 @@ RelayError
  ├── NotFound               no such account / bucket / input / token / event / delivery
  ├── Conflict               the resource exists already or is in use
  └── AuthError              a credential was refused
-      └── PermissionDenied  a valid credential asked for something outside its scope
+      ├── PermissionDenied  a valid credential asked for something outside its scope
+      └── Replay            a signed webhook already accepted came again
 """
 
 from __future__ import annotations
@@ -60,3 +61,7 @@ class AuthError(RelayError):
 
 class PermissionDenied(AuthError):
     """The credential does not grant access to this resource."""
+
+
+class Replay(AuthError):
+    """This signed webhook was accepted before: a replay is refused."""

@@ -161,6 +161,10 @@ class RateLimit:
     per_s: float
     burst: int
 
+    def __post_init__(self) -> None:
+        if not (0 < self.per_s < float("inf")) or self.burst < 1:
+            raise ValueError("a rate limit needs a rate above 0 and a burst of at least 1")
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BucketPolicy:
@@ -240,6 +244,18 @@ class Token:
     created_at: dt.datetime
     revoked_at: dt.datetime | None
     last_used_at: dt.datetime | None
+    # mTLS: SHA-256 (hex) of the client certificate the token is bound to; None: any.
+    client_cert_sha256: str | None = None
+    # Rotation: the secret before the last rotation still works until then; None: no grace.
+    previous_valid_until: dt.datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Nonce:
+    """SHA-256 of what a timestamped signature signed: seen again before expiry, a replay."""
+
+    value: str  # 64 hex digits
+    expires_at_ms: int  # after this the signature's timestamp is refused as stale anyway
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -255,6 +271,7 @@ class IncomingEvent:
     body: bytes
     received_at: dt.datetime
     source: str
+    nonce: Nonce | None = None  # from a verified timestamped signature (ingress.signatures)
 
     def log_context(self) -> dict[str, object]:
         return {"event_id": self.id, "input_id": self.route.input.id, "size": len(self.body)}

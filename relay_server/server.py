@@ -20,11 +20,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from relay_proto import relay_pb2, relay_pb2_grpc
-from relay_server import auth, crypto, reaper, settings
+from relay_server import auth, crypto, keys, reaper, settings, throttle, tls
 from relay_server.dispatch import hub as hub_mod
 from relay_server.dispatch import servicer as servicer_mod
 from relay_server.ingress import app as ingress_app
-from relay_server.store import sql
+from relay_server.ingress import connections, waiting
+from relay_server.store import ephemeral, sql
 
 log = structlog.get_logger(__name__)
 
@@ -34,8 +35,20 @@ SERVICE_NAME = relay_pb2.DESCRIPTOR.services_by_name["AgentRelay"].full_name
 class RelayServer:
     def __init__(self, config: settings.ServerSettings, keyring: crypto.KeyRing) -> None:
         self.config = config
-        self.store = sql.SqlStore(config.database, keyring, retry_base=config.dispatch.retry)
-        self.hub = hub_mod.Hub()
+        self.store = sql.SqlStore(
+            config.database,
+            keyring,
+            retry_base=config.dispatch.retry,
+            payloads=ephemeral.PayloadMemory(config.ingress.ephemeral_max_bytes),
+        )
+        self.hub = hub_mod.Hub(waiting.Waiting(config.ingress.max_waiting))
+        # Refused credentials per source, over webhooks and agent streams alike.
+        self.failures = throttle.FailureThrottle(
+            max_failures=config.auth_throttle.max_failures,
+            window_s=config.auth_throttle.window_s,
+        )
+        # A rotated key file is picked up within seconds, or at once on SIGHUP.
+        self.key_reloader = keys.KeyReloader(self.store, config.key_file)
         self.http_port: int | None = None
         self.grpc_port: int | None = None
         self._stop = asyncio.Event()
@@ -43,6 +56,9 @@ class RelayServer:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def reload_keys(self) -> None:
+        self.key_reloader.check(force=True)
 
     async def run(self, on_ready: Callable[[RelayServer], None] | None = None) -> None:
         if self._started:
@@ -58,9 +74,12 @@ class RelayServer:
             log.info("server_stopped")
 
     async def _serve(self, on_ready: Callable[[RelayServer], None] | None) -> None:
+        ingress = self.config.ingress
+        https = tls.https_context(ingress.tls_cert, ingress.tls_key)  # bad files: fail first
         housekeeping = [
             reaper.LeaseReaper(self.store, self.config.dispatch.reap_interval_s),
             reaper.RetentionCleaner(self.store, self.config.dispatch.clean_interval_s),
+            self.key_reloader,
         ]
         servicer = servicer_mod.AgentRelayServicer(
             store=self.store,
@@ -68,16 +87,22 @@ class RelayServer:
             verifier=auth.TokenVerifier(self.store),
             grpc_settings=self.config.grpc,
             dispatch=self.config.dispatch,
+            failures=self.failures,
         )
         health = health_async.HealthServicer()
         grpc_server = self._grpc_server(servicer, health)
-        app = ingress_app.create_app(self.store, self.hub, self.config.ingress)
-        runner = web.AppRunner(
-            app, access_log=None, shutdown_timeout=self.config.ingress.shutdown_grace_s
+        app = ingress_app.create_app(
+            self.store, self.hub, self.config.ingress, failures=self.failures
+        )
+        runner = connections.GuardedRunner(  # read deadlines and header limits
+            app,
+            ingress.read_limits,
+            access_log=None,
+            shutdown_timeout=ingress.shutdown_grace_s,
         )
         await runner.setup()
-        host, port = settings.parse_listen(self.config.ingress.listen, "HTTP listen address")
-        await web.TCPSite(runner, host, port).start()
+        host, port = settings.parse_listen(ingress.listen, "HTTP listen address")
+        await web.TCPSite(runner, host, port, ssl_context=https).start()
         self.http_port = int(runner.addresses[0][1])
         await grpc_server.start()
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -119,6 +144,7 @@ class RelayServer:
         app[ingress_app.READY][0] = False
         app[ingress_app.GRPC_SERVING][0] = False
         await health.enter_graceful_shutdown()
+        self.hub.waiting.close()  # callers held for an answer get their timeout answer now
         await self._drain_ingress(app, runner)
         servicer.stop_sessions()
         await servicer.wait_closed(timeout_s=5.0)
@@ -176,9 +202,9 @@ class RelayServer:
         if g.tls_cert is None or g.tls_key is None:
             port = server.add_insecure_port(g.listen)
         else:
-            client_ca = g.tls_client_ca.read_bytes() if g.tls_client_ca else None
+            client_ca = tls.read_certificate(g.tls_client_ca) if g.tls_client_ca else None
             credentials = grpc.ssl_server_credentials(
-                [(g.tls_key.read_bytes(), g.tls_cert.read_bytes())],
+                [(tls.read_private_key(g.tls_key), tls.read_certificate(g.tls_cert))],
                 root_certificates=client_ca,
                 require_client_auth=client_ca is not None,
             )

@@ -3,10 +3,15 @@
 Same method, path tail, raw query string, headers (in order, duplicates kept, minus the
 hop-by-hop ones) and body bytes. 2xx is an Ack; anything else, a timeout or a connection
 failure is a Nack. Redirects are not followed. Bodies and headers are never logged.
+
+When a caller waits for the answer (`Delivery.reply_wanted`, input response mode "wait"),
+the outcome carries the target's status, headers (minus hop-by-hop ones) and body, up to
+MAX_REPLY_BODY_BYTES; a larger body is left out and flagged (the caller then gets 502).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import email.utils
 from collections.abc import Iterable
@@ -44,6 +49,8 @@ _AUTO_HEADERS = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
 MAX_RETRY_AFTER_MS = 3_600_000  # a target cannot park an event for more than an hour
 # Read at most this much of the target's answer, so the connection can be reused.
 _DRAIN_LIMIT_BYTES = 64 * 1024
+# The largest answer relayed to a waiting caller (the server enforces the same cap).
+MAX_REPLY_BODY_BYTES = 1024 * 1024
 
 
 class HttpDestination:
@@ -90,6 +97,8 @@ class HttpDestination:
             allow_redirects=False,
         ) as response:
             outcome = _outcome(response)
+            if delivery.reply_wanted:
+                return dataclasses.replace(outcome, response=await captured(response))
             await _drain(response)
             return outcome
 
@@ -154,13 +163,30 @@ def parse_retry_after(value: str | None, now: datetime.datetime) -> int | None:
     return min(max(delay_ms, 0), MAX_RETRY_AFTER_MS)
 
 
-def _outcome(response: aiohttp.ClientResponse) -> models.Outcome:
+def _outcome(response: aiohttp.ClientResponse) -> models.Ack | models.Nack:
     if 200 <= response.status < 300:
         return models.Ack()
     retry_after_ms = parse_retry_after(
         response.headers.get("Retry-After"), datetime.datetime.now(datetime.UTC)
     )
     return models.Nack(retry_after_ms=retry_after_ms, reason=f"HTTP {response.status}")
+
+
+async def captured(response: aiohttp.ClientResponse) -> models.Response:
+    """The target's answer for a waiting caller; a body over the cap is left out."""
+    body = bytearray()
+    while len(body) <= MAX_REPLY_BODY_BYTES:
+        chunk = await response.content.read(MAX_REPLY_BODY_BYTES + 1 - len(body))
+        if not chunk:
+            break
+        body += chunk
+    too_large = len(body) > MAX_REPLY_BODY_BYTES
+    return models.Response(
+        status=response.status,
+        headers=tuple(forwarded_headers(response.headers.items())),
+        body=b"" if too_large else bytes(body),
+        body_too_large=too_large,
+    )
 
 
 async def _drain(response: aiohttp.ClientResponse) -> None:

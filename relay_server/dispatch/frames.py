@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 
 from google.protobuf import timestamp_pb2
 
 from relay_proto import relay_pb2
 from relay_server import models
+from relay_server.ingress import answers
 
 
 def timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
@@ -17,8 +18,9 @@ def timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
     return stamp
 
 
-def delivery(lease: models.Lease) -> relay_pb2.Delivery:
+def delivery(lease: models.Lease, *, reply_wanted: bool = False) -> relay_pb2.Delivery:
     return relay_pb2.Delivery(
+        reply_wanted=reply_wanted,
         lease_id=lease.lease_id,
         event_id=lease.event_id,
         bucket=lease.bucket,
@@ -36,15 +38,20 @@ def delivery(lease: models.Lease) -> relay_pb2.Delivery:
     )
 
 
-def batches(leases: Sequence[models.Lease], max_bytes: int) -> Iterator[relay_pb2.ServerMessage]:
-    """Pack leases into frames of at most `max_bytes` of bodies (a larger body goes alone)."""
+def batches(
+    leases: Sequence[models.Lease], max_bytes: int, reply_wanted: Container[str] = ()
+) -> Iterator[relay_pb2.ServerMessage]:
+    """Pack leases into frames of at most `max_bytes` of bodies (a larger body goes alone).
+
+    Leases of events in `reply_wanted` ask the agent for the destination's answer.
+    """
     frame: list[relay_pb2.Delivery] = []
     size = 0
     for lease in leases:
         if frame and size + len(lease.body) > max_bytes:
             yield relay_pb2.ServerMessage(deliveries=relay_pb2.DeliveryBatch(deliveries=frame))
             frame, size = [], 0
-        frame.append(delivery(lease))
+        frame.append(delivery(lease, reply_wanted=lease.event_id in reply_wanted))
         size += len(lease.body)
     if frame:
         yield relay_pb2.ServerMessage(deliveries=relay_pb2.DeliveryBatch(deliveries=frame))
@@ -82,10 +89,21 @@ def settlements(message: relay_pb2.AgentMessage) -> list[models.Settlement]:
             models.Settlement(
                 lease_id=reply.lease_id,
                 outcome=models.Outcome.ACK if ok else models.Outcome.NACK,
+                retry_after_ms=None if ok else reply.retry_after_ms or None,
                 reason="" if ok else f"HTTP {reply.status}",
             )
         ]
     return []
+
+
+def answer(reply: relay_pb2.Reply) -> answers.Answer:
+    """The destination's answer a Reply carries, checked for relaying to its caller."""
+    return answers.from_reply(
+        reply.status,
+        [(header.name, header.value) for header in reply.headers],
+        reply.body,
+        too_large=reply.body_too_large,
+    )
 
 
 def lease_lost(lease_ids: Sequence[str], message: str) -> relay_pb2.ServerMessage:

@@ -2,6 +2,9 @@
 
 Sessions also poll on a bounded interval, so work the hub never hears of (retries coming
 due, replays from the CLI, another replica's ingest) is found anyway.
+
+The hub also carries the callers waiting for their destination's answer (`waiting`):
+the other meeting point of ingress and sessions in this process.
 """
 
 from __future__ import annotations
@@ -9,10 +12,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
+from relay_server.ingress import waiting as waiting_mod
+
 
 class Hub:
-    def __init__(self) -> None:
+    def __init__(self, waiting: waiting_mod.Waiting | None = None) -> None:
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        self.waiting = waiting if waiting is not None else waiting_mod.Waiting()
 
     def register(self, output_ids: Iterable[str], wake: asyncio.Event) -> None:
         for output_id in output_ids:

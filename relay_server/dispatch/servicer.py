@@ -13,8 +13,8 @@ import grpc
 import structlog
 
 from relay_proto import relay_pb2, relay_pb2_grpc
-from relay_server import __version__, auth, errors, ids, models
-from relay_server.dispatch import hub, session
+from relay_server import __version__, auth, errors, ids, models, throttle, tls
+from relay_server.dispatch import hub, session, streams
 from relay_server.settings import DispatchSettings, GrpcSettings
 from relay_server.store import sql
 
@@ -38,6 +38,8 @@ STATUS: dict[type[Exception], grpc.StatusCode] = {
     session.FrameError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.NotFound: grpc.StatusCode.INVALID_ARGUMENT,
     TooManyConnections: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    streams.TooManyStreams: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    throttle.TooManyFailures: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     errors.StorageError: grpc.StatusCode.UNAVAILABLE,
 }
@@ -62,13 +64,16 @@ class AgentRelayServicer(relay_pb2_grpc.AgentRelayServicer):
         verifier: auth.TokenVerifier,
         grpc_settings: GrpcSettings,
         dispatch: DispatchSettings,
+        failures: throttle.FailureThrottle,
     ) -> None:
         self._store = store
+        self._failures = failures
         self._hub = hub
         self._verifier = verifier
         self._grpc = grpc_settings
         self._dispatch = dispatch
         self._sessions: set[session.AgentSession] = set()
+        self._streams = streams.StreamsPerToken(grpc_settings.max_streams_per_token)
         self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -98,6 +103,8 @@ class AgentRelayServicer(relay_pb2_grpc.AgentRelayServicer):
         except errors.RelayError as exc:
             code = status_for(exc)
             log.info("agent_refused", code=code.name, reason=exc.message)
+            if isinstance(exc, errors.AuthError):  # refused credential or scope: audited
+                await self._audit_refused(context, exc)
             await context.abort(code, exc.message)
 
     async def _serve(
@@ -109,26 +116,38 @@ class AgentRelayServicer(relay_pb2_grpc.AgentRelayServicer):
             raise TooManyConnections()
         token = await self._authenticate(context)
         structlog.contextvars.bind_contextvars(key_id=token.key_id)
+        tls.check_binding(token, context.auth_context())  # mTLS: the token's own certificate
+        with self._streams.hold(token.key_id):  # RESOURCE_EXHAUSTED past the token's limit
+            await self._serve_token(token, request_iterator, context)
+
+    async def _serve_token(
+        self,
+        token: models.Token,
+        request_iterator: AsyncIterator[relay_pb2.AgentMessage],
+        context: Context,
+    ) -> None:
         # Only now start reading: an unread request stream is left to gRPC untouched.
         requests = aiter(request_iterator)
         subscribe = await self._first_frame(requests)
         outputs = await self._resolve(token, subscribe)
         agent_session = self._open_session(token, subscribe, outputs)
         structlog.contextvars.bind_contextvars(session_id=agent_session.session_id)
-        await context.write(
-            relay_pb2.ServerMessage(
-                welcome=relay_pb2.Welcome(
-                    session_id=agent_session.session_id,
-                    server_version=__version__,
-                    lease_ms=self._dispatch.lease_ms,
-                    buckets=sorted(outputs),
-                    max_in_flight=agent_session.credit,
+        # From here on the session is counted: an agent gone even before its Welcome must
+        # still give its slot back.
+        try:
+            await context.write(
+                relay_pb2.ServerMessage(
+                    welcome=relay_pb2.Welcome(
+                        session_id=agent_session.session_id,
+                        server_version=__version__,
+                        lease_ms=self._dispatch.lease_ms,
+                        buckets=sorted(outputs),
+                        max_in_flight=agent_session.credit,
+                    )
                 )
             )
-        )
-        await self._audit(token, "agent.connect", outputs, context)
-        log.info("agent_connected", agent=agent_session.agent, buckets=sorted(outputs))
-        try:
+            await asyncio.shield(self._audit(token, "agent.connect", outputs, context))
+            log.info("agent_connected", agent=agent_session.agent, buckets=sorted(outputs))
             await agent_session.run(requests, context)
         finally:
             self._sessions.discard(agent_session)
@@ -156,14 +175,16 @@ class AgentRelayServicer(relay_pb2_grpc.AgentRelayServicer):
         return agent_session
 
     async def _authenticate(self, context: Context) -> models.Token:
-        metadata = {key.lower(): value for key, value in context.invocation_metadata() or ()}
-        header = str(metadata.get("authorization", ""))
-        scheme, _, presented = header.partition(" ")
+        address = throttle.grpc_peer_address(context.peer())
+        self._failures.check(address)  # too many failures: refused before looking
+        scheme, _, presented = _authorization(context).partition(" ")
         if scheme.lower() != "bearer" or not presented:
+            self._failures.failed(address)
             raise errors.AuthError("missing token: send metadata 'authorization: Bearer <token>'")
         try:
             token = await self._verifier.verify(presented)
         except errors.AuthError as exc:
+            self._failures.failed(address)
             log.warning("token_refused", reason=exc.message)
             raise errors.AuthError("token refused") from exc
         return token
@@ -196,12 +217,29 @@ class AgentRelayServicer(relay_pb2_grpc.AgentRelayServicer):
     async def _audit(
         self, token: models.Token, action: str, outputs: dict[str, str], context: Context
     ) -> None:
+        resource = "buckets:" + ",".join(sorted(outputs))
+        await self._record(context, actor=token.key_id, action=action, resource=resource)
+
+    async def _audit_refused(self, context: Context, exc: errors.AuthError) -> None:
+        """A refused connect, under the key id presented (never the secret)."""
+        key_id = auth.presented_key_id(_authorization(context))
+        await self._record(
+            context,
+            actor=key_id,
+            action="agent.connect",
+            resource=f"token:{key_id}",
+            result="denied",
+            detail=exc.message,
+        )
+
+    async def _record(self, context: Context, **entry: str) -> None:
         try:
-            await self._store.audit(
-                actor=token.key_id,
-                action=action,
-                resource="buckets:" + ",".join(sorted(outputs)),
-                source=context.peer(),
-            )
+            await self._store.audit(source=context.peer(), **entry)
         except errors.StorageError as exc:
-            log.warning("audit_failed", action=action, error=str(exc))
+            log.warning("audit_failed", action=entry["action"], error=str(exc))
+
+
+def _authorization(context: Context) -> str:
+    """The `authorization` metadata of the call ('' if none)."""
+    metadata = {key.lower(): value for key, value in context.invocation_metadata() or ()}
+    return str(metadata.get("authorization", ""))

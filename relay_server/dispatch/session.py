@@ -3,6 +3,10 @@
 The push loop is the only writer to the stream. The reader applies settlements and
 extensions and hands "lease lost" notices to the push loop. When the stream ends, every
 lease still held is returned to the queue in one write (each counts as an attempt).
+
+A lease whose event has a caller waiting (response mode "wait", `hub.waiting`) asks the
+agent for a Reply; the destination's answer it carries goes to the caller as soon as it
+is read, before the settlement is written. An Ack for such a lease answers 200.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import structlog
 from relay_proto import relay_pb2
 from relay_server import errors, models
 from relay_server.dispatch import frames, hub
+from relay_server.ingress import answers
 from relay_server.settings import DispatchSettings
 from relay_server.store import sql
 
@@ -51,6 +56,7 @@ class AgentSession:
         # Lease id -> deadline (ms since the epoch), for credit: a lease that ran out no
         # longer counts against the agent, whether or not it ever settles it.
         self.held: dict[str, int] = {}
+        self._replying: dict[str, str] = {}  # lease id -> event id, for waiting callers
         self._store = store
         self._hub = hub
         self._settings = settings
@@ -103,7 +109,8 @@ class AgentSession:
             woken = False
             if leases:
                 self.held.update((lease.lease_id, models.to_ms(lease.deadline)) for lease in leases)
-                for frame in frames.batches(leases, self._settings.max_batch_bytes):
+                wanted = self._replies_wanted(leases)
+                for frame in frames.batches(leases, self._settings.max_batch_bytes, wanted):
                     await context.write(frame)
                 for lease in leases:
                     log.debug("lease_granted", **lease.log_context())
@@ -123,10 +130,24 @@ class AgentSession:
             log.warning("lease_failed", error=str(exc))
             return []
 
+    def _replies_wanted(self, leases: list[models.Lease]) -> set[str]:
+        """Event ids among `leases` whose caller waits for the destination's answer."""
+        wanted = {lease.event_id for lease in leases if self._hub.waiting.wanted(lease.event_id)}
+        for lease in leases:
+            if lease.event_id in wanted:
+                self._replying[lease.lease_id] = lease.event_id
+        return wanted
+
+    def _relay_answer(self, lease_id: str, answer: answers.Answer) -> None:
+        event_id = self._replying.pop(lease_id, None)
+        if event_id is not None and self._hub.waiting.deliver(event_id, answer):
+            log.debug("reply_handed_over", lease_id=lease_id, status=answer.status)
+
     def _forget_expired(self) -> None:
         now = models.now_ms()
         for lease_id in [k for k, deadline in self.held.items() if deadline < now]:
             del self.held[lease_id]
+            self._replying.pop(lease_id, None)
 
     async def _sleep(self, reader: asyncio.Task[None]) -> bool:
         """Wait for a wake-up (True) or the poll interval (False)."""
@@ -157,11 +178,15 @@ class AgentSession:
                 self.credit = min(message.credit.max_in_flight, self._max_credit)
                 self._wake.set()
             elif kind == "ack":
+                for lease_id in message.ack.lease_ids:
+                    self._relay_answer(lease_id, answers.ACCEPTED)
                 # ACKs that arrive while a flush is being written go out in the next one.
                 self._pending_acks.extend(message.ack.lease_ids)
                 if self._ack_flusher is None or self._ack_flusher.done():
                     self._ack_flusher = self._spawn(self._flush_acks())
             else:
+                if kind == "reply":
+                    self._relay_answer(message.reply.lease_id, frames.answer(message.reply))
                 self._spawn(self._apply_and_report(kind, message))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -218,11 +243,13 @@ class AgentSession:
         lost = await self._store.settle(settlements, agent=self.agent)
         for item in settlements:
             self.held.pop(item.lease_id, None)
+            self._replying.pop(item.lease_id, None)
             log.debug("lease_settled", lease_id=item.lease_id, outcome=str(item.outcome))
         self._wake.set()  # credit came back
         return lost
 
     async def _release_held(self) -> None:
+        self._replying.clear()
         if not self.held:
             return
         outcome = self._release_as

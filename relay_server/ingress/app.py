@@ -1,7 +1,8 @@
 """The public aiohttp app. A webhook is answered 200 only after it is committed.
 
 Unknown inputs get the same empty 200 as known ones (nothing is stored), so a stranger
-cannot enumerate inputs; responses name no server software.
+cannot enumerate inputs (`--unknown-input 404` if the operator prefers); responses name
+no server software. What a known input answers is its response mode (answers.py).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from collections.abc import Awaitable, Callable, Iterator
 import structlog
 from aiohttp import web
 
-from relay_server import errors, ids, models
+from relay_server import errors, ids, models, throttle
 from relay_server.dispatch import hub as hub_mod
-from relay_server.ingress import routes, source
+from relay_server.ingress import answers, gate, limits, routes, source
 from relay_server.settings import IngressSettings
 from relay_server.store import sql
 
@@ -41,13 +42,21 @@ DUPLICATE_HEADER = "X-Stowhook-Duplicate-Of"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def create_app(store: sql.SqlStore, hub: hub_mod.Hub, settings: IngressSettings) -> web.Application:
+def create_app(
+    store: sql.SqlStore,
+    hub: hub_mod.Hub,
+    settings: IngressSettings,
+    *,
+    failures: throttle.FailureThrottle | None = None,  # shared with the agent streams
+) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_plain_errors])
     app[STORE] = store
     app[HUB] = hub
     app[ROUTES] = routes.RouteCache(store, settings.route_cache_s)
     app[SETTINGS] = settings
     app[TRUSTED_PROXIES] = source.parse_networks(settings.trusted_proxies)
+    app[gate.GATE] = gate.Gate(failures or throttle.FailureThrottle(), app[TRUSTED_PROXIES])
+    app[limits.LIMITER] = limits.RateLimiter(settings.source_rate, app[TRUSTED_PROXIES])
     app[READY] = [True]
     app[GRPC_SERVING] = [False]
     app[IN_FLIGHT] = InFlight()
@@ -107,30 +116,54 @@ async def receive(request: web.Request) -> web.StreamResponse:
 
 async def _receive(request: web.Request) -> web.StreamResponse:
     app = request.app
+    if (limited := app[limits.LIMITER].refuse_source(request)) is not None:
+        return limited  # 429: this sender is over the per-source rate
     route = await _route_or_unavailable(request)
     if isinstance(route, web.StreamResponse):
         return route
     if route is None:
         await _discard(request)
-        return _empty(200)
+        return _empty(app[SETTINGS].unknown_input_status)
+    if (limited := app[limits.LIMITER].refuse_input(request, route)) is not None:
+        return limited  # 429: this input is over its own rate
+    refused = await app[gate.GATE].admit(request, route)  # throttle, bucket credentials
+    if refused is not None:
+        return refused
     body = await _read_body(request, route)
     if isinstance(body, web.StreamResponse):
         return body
-    event = _incoming(request, route, body)
+    nonce = app[gate.GATE].verify(request, route, body)  # the provider's signature
+    if isinstance(nonce, web.StreamResponse):
+        return nonce
+    event = gate.admitted(_incoming(request, route, body), nonce)
     structlog.contextvars.bind_contextvars(event_id=event.id)
     try:
-        original = await app[STORE].ingest(event)
-    except errors.StorageError as exc:
-        log.warning("event_not_stored", error=str(exc), **event.log_context())
-        return web.Response(
-            status=503, text="try again later\n", headers={"Retry-After": RETRY_AFTER_S}
-        )
-    if original is not None:
-        log.info("event_duplicate", duplicate_of=original, **event.log_context())
-        return _empty(200, **{DUPLICATE_HEADER: original})
-    app[HUB].notify(route.output_ids)
-    log.info("event_received", method=event.method, **event.log_context())
-    return _empty(200)
+        return await _commit_and_answer(app, event)
+    except errors.Replay:
+        return gate.replay(event)
+
+
+async def _commit_and_answer(
+    app: web.Application, event: models.IncomingEvent
+) -> web.StreamResponse:
+    """Commit, then answer as the input's response mode says (see answers.py); in wait
+    mode the caller is registered first, so the agent is asked for the answer."""
+    mode = event.route.input.response
+    with app[HUB].waiting.expect(event.id, mode) as waiter:
+        try:
+            original = await app[STORE].ingest(event)
+        except errors.StorageError as exc:
+            log.warning("event_not_stored", error=str(exc), **event.log_context())
+            return web.Response(
+                status=503, text="try again later\n", headers={"Retry-After": RETRY_AFTER_S}
+            )
+        if original is not None:
+            log.info("event_duplicate", duplicate_of=original, **event.log_context())
+            duplicate = answers.immediate(mode)
+            return answers.to_response(duplicate, **{DUPLICATE_HEADER: original})
+        app[HUB].notify(event.route.output_ids)
+        log.info("event_received", method=event.method, **event.log_context())
+        return answers.to_response(await answers.answer(mode, waiter))
 
 
 async def _route_or_unavailable(request: web.Request) -> models.Route | web.StreamResponse | None:

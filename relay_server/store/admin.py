@@ -308,6 +308,10 @@ def token_from_row(row: Any, bucket_ids: Sequence[str]) -> models.Token:
         created_at=models.from_ms(row.created_at),
         revoked_at=None if row.revoked_at is None else models.from_ms(row.revoked_at),
         last_used_at=None if row.last_used_at is None else models.from_ms(row.last_used_at),
+        client_cert_sha256=row.client_cert_sha256,
+        previous_valid_until=None
+        if row.previous_valid_until is None
+        else models.from_ms(row.previous_valid_until),
     )
 
 
@@ -336,12 +340,19 @@ async def create_token(
     return token_from_row(row, bucket_ids)
 
 
-async def get_token(conn: AsyncConnection, key_id: str) -> tuple[models.Token, str] | None:
+async def get_token(
+    conn: AsyncConnection, key_id: str
+) -> tuple[models.Token, tuple[str, ...]] | None:
+    """The token and the bcrypt hashes that open it now: the current secret's, then the
+    previous secret's while its grace period runs."""
     row = (await conn.execute(sa.select(T).where(T.c.key_id == key_id))).first()
     if row is None:
         return None
     scope = (await conn.execute(sa.select(TB.c.bucket_id).where(TB.c.key_id == key_id))).scalars()
-    return token_from_row(row, list(scope)), row.secret_hash
+    hashes: tuple[str, ...] = (row.secret_hash,)
+    if row.previous_secret_hash and (row.previous_valid_until or 0) > models.now_ms():
+        hashes += (row.previous_secret_hash,)
+    return token_from_row(row, list(scope)), hashes
 
 
 async def list_tokens(
@@ -374,6 +385,44 @@ async def revoke_token(conn: AsyncConnection, account_id: str, key_id: str) -> N
     )
     if result.rowcount != 1:
         raise errors.NotFound(f"no active token with key id {key_id!r}")
+
+
+async def bind_token(
+    conn: AsyncConnection, account_id: str, key_id: str, cert_sha256: str | None
+) -> None:
+    """Bind an active token to a client certificate's SHA-256, or unbind it (None)."""
+    result = await conn.execute(
+        T.update()
+        .where(T.c.key_id == key_id, T.c.account_id == account_id, T.c.revoked_at.is_(None))
+        .values(client_cert_sha256=cert_sha256)
+    )
+    if result.rowcount != 1:
+        raise errors.NotFound(f"no active token with key id {key_id!r}")
+
+
+async def rotate_token(
+    conn: AsyncConnection, account_id: str, key_id: str, secret_hash: str, grace_ms: int
+) -> models.Token:
+    """Give an active token a new secret; the current one keeps working for `grace_ms`.
+
+    A secret still in its grace from an earlier rotation stops working now.
+    """
+    found = await get_token(conn, key_id)
+    if found is None or found[0].account_id != account_id or found[0].revoked_at is not None:
+        raise errors.NotFound(f"no active token with key id {key_id!r}")
+    until = models.now_ms() + grace_ms if grace_ms > 0 else None
+    await conn.execute(
+        T.update()
+        .where(T.c.key_id == key_id)
+        .values(
+            secret_hash=secret_hash,
+            previous_secret_hash=None if until is None else T.c.secret_hash,
+            previous_valid_until=until,
+        )
+    )
+    return dataclasses.replace(
+        found[0], previous_valid_until=None if until is None else models.from_ms(until)
+    )
 
 
 async def touch_token(conn: AsyncConnection, key_id: str) -> None:

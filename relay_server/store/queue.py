@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -40,6 +41,7 @@ def seal_event(keyring: crypto.KeyRing, event: models.IncomingEvent) -> dict[str
         "query_sealed": keyring.seal(event.query.encode(), aad(event.id, "query")),
         "headers_sealed": keyring.seal(headers, aad(event.id, "headers")),
         "body_sealed": keyring.seal(event.body, aad(event.id, "body")),
+        "ephemeral": False,  # see store.ephemeral.held_row
     }
 
 
@@ -74,27 +76,40 @@ def new_delivery_row(event_id: str, output_id: str, now: int, *, replay: bool) -
 
 @dataclass(frozen=True, slots=True)
 class NewEvent:
-    """A sealed events row on its way in, with what deduplication needs."""
+    """A sealed events row on its way in, with what deduplication and replay checks need."""
 
     row: dict[str, object]
     bucket_id: str
     dedup_key: str | None = None
     dedup_window_ms: int = 0
+    nonce: models.Nonce | None = None  # a timestamped signature's: a replay if seen before
 
 
-async def insert_events(conn: AsyncConnection, events: Sequence[NewEvent]) -> list[str | None]:
+@dataclass(frozen=True, slots=True)
+class Ingested:
+    """What became of one NewEvent: stored, a duplicate (nothing stored) or a replay (same)."""
+
+    duplicate_of: str | None = None  # the earlier event holding the same dedup key
+    replay: bool = False  # its nonce was seen: the very same signed webhook came before
+
+    @property
+    def stored(self) -> bool:
+        return self.duplicate_of is None and not self.replay
+
+
+async def insert_events(conn: AsyncConnection, events: Sequence[NewEvent]) -> list[Ingested]:
     """Store each event with one PENDING delivery per output of its bucket.
 
-    Returns, per event, None if it was stored or the id of the earlier event it duplicates
-    (same dedup key in the bucket within the window), in which case nothing was stored.
-    The outputs are read in this transaction, so an output added or removed a moment ago
-    is honoured at once.
+    The nonce is recorded first, in this same transaction: if the write fails (the sender
+    gets 503) the nonce is not kept either, so the sender's retry is not taken for a
+    replay. A replay stores nothing and claims no dedup key. The outputs are read in this
+    transaction, so an output added or removed a moment ago is honoured at once.
     """
     now = models.now_ms()
-    originals = [await _claim_dedup_key(conn, event, now) for event in events]
-    fresh = [event for event, original in zip(events, originals, strict=True) if original is None]
+    results = [await _ingested(conn, event, now) for event in events]
+    fresh = [event for event, result in zip(events, results, strict=True) if result.stored]
     if not fresh:
-        return originals
+        return results
     await conn.execute(E.insert(), [event.row for event in fresh])
     outputs_of: dict[str, list[str]] = {}
     rows = await conn.execute(
@@ -111,7 +126,35 @@ async def insert_events(conn: AsyncConnection, events: Sequence[NewEvent]) -> li
     ]
     if deliveries:
         await conn.execute(D.insert(), deliveries)
-    return originals
+    return results
+
+
+async def _ingested(conn: AsyncConnection, event: NewEvent, now: int) -> Ingested:
+    if not await _claim_nonce(conn, event, now):
+        return Ingested(replay=True)
+    return Ingested(duplicate_of=await _claim_dedup_key(conn, event, now))
+
+
+def _upsert(conn: AsyncConnection, table: sa.Table) -> Any:
+    return (sqlite_insert if conn.dialect.name == "sqlite" else postgresql_insert)(table)
+
+
+async def _claim_nonce(conn: AsyncConnection, event: NewEvent, now: int) -> bool:
+    """Record the event's nonce; False if it is held already (and not expired): a replay."""
+    if event.nonce is None:
+        return True
+    N = tables.seen_nonces
+    statement = _upsert(conn, N).values(
+        input_id=event.row["input_id"],
+        nonce=event.nonce.value,
+        expires_at=event.nonce.expires_at_ms,
+    )
+    upsert = statement.on_conflict_do_update(
+        index_elements=[N.c.input_id, N.c.nonce],
+        set_={"expires_at": statement.excluded.expires_at},
+        where=N.c.expires_at <= now,
+    ).returning(N.c.nonce)
+    return (await conn.execute(upsert)).first() is not None
 
 
 async def _claim_dedup_key(conn: AsyncConnection, event: NewEvent, now: int) -> str | None:
@@ -124,8 +167,7 @@ async def _claim_dedup_key(conn: AsyncConnection, event: NewEvent, now: int) -> 
     if event.dedup_key is None:
         return None
     K = tables.dedup_keys
-    insert = sqlite_insert if conn.dialect.name == "sqlite" else postgresql_insert
-    statement = insert(K).values(
+    statement = _upsert(conn, K).values(
         bucket_id=event.bucket_id,
         key=event.dedup_key,
         event_id=event.row["id"],

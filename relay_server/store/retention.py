@@ -1,4 +1,5 @@
-"""Forgetting on schedule: expired dedup keys, old dead letters, settled old events.
+"""Forgetting on schedule: expired dedup keys and replay nonces, old dead letters, settled
+old events.
 
 Each call deletes at most `limit` rows in one short write transaction, so the cleaner
 interleaves with ingest instead of holding the writer. An event with a PENDING or LEASED
@@ -14,12 +15,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from relay_server import models
 from relay_server.store import tables
 
-B, E, D, OUT, K = (
+B, E, D, OUT, K, N = (
     tables.buckets,
     tables.events,
     tables.deliveries,
     tables.outputs,
     tables.dedup_keys,
+    tables.seen_nonces,
 )
 
 KEEP_EVENT = (
@@ -30,13 +32,22 @@ KEEP_EVENT = (
 
 
 async def expired_dedup_keys(conn: AsyncConnection, *, now: int, limit: int) -> int:
-    doomed = sa.select(K.c.bucket_id, K.c.key).where(K.c.expires_at <= now).limit(limit)
-    keys = (await conn.execute(doomed)).all()
-    if keys:
-        await conn.execute(
-            K.delete().where(sa.tuple_(K.c.bucket_id, K.c.key).in_([tuple(k) for k in keys]))
-        )
-    return len(keys)
+    return await _expired(conn, K, now, limit)
+
+
+async def expired_nonces(conn: AsyncConnection, *, now: int, limit: int) -> int:
+    """Replay nonces whose signature timestamps would be refused as stale by now."""
+    return await _expired(conn, N, now, limit)
+
+
+async def _expired(conn: AsyncConnection, table: sa.Table, now: int, limit: int) -> int:
+    """Delete up to `limit` rows of `table` whose `expires_at` has passed."""
+    key = list(table.primary_key.columns)
+    doomed = sa.select(*key).where(table.c.expires_at <= now).limit(limit)
+    rows = (await conn.execute(doomed)).all()
+    if rows:
+        await conn.execute(table.delete().where(sa.tuple_(*key).in_([tuple(r) for r in rows])))
+    return len(rows)
 
 
 async def old_dead_letters(conn: AsyncConnection, *, now: int, limit: int) -> int:

@@ -16,7 +16,17 @@ from dataclasses import dataclass
 from sqlalchemy.engine import url as sa_url
 
 from relay_server import crypto, errors, models, retry
-from relay_server.store import admin, codecs, database, events, outputs, queue, retention
+from relay_server.store import (
+    admin,
+    audit_log,
+    codecs,
+    database,
+    ephemeral,
+    events,
+    outputs,
+    queue,
+    retention,
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -35,16 +45,23 @@ class SqlStore:
         keyring: crypto.KeyRing | None,
         *,
         retry_base: retry.RetryPolicy | None = None,
+        payloads: ephemeral.PayloadMemory | None = None,
     ) -> None:
         self.db = database.Database(settings)
         self._keyring = keyring
         self.retry_base = retry_base or retry.RetryPolicy()
+        # Ephemeral buckets' payloads: in this process only, never in the database.
+        self.payloads = payloads if payloads is not None else ephemeral.PayloadMemory()
 
     @property
     def keyring(self) -> crypto.KeyRing:
         if self._keyring is None:
             raise errors.ConfigError("this operation needs the AES key (--key-file)")
         return self._keyring
+
+    def use_keyring(self, keyring: crypto.KeyRing) -> None:
+        """Seal and open with `keyring` from now on (a rotated key file was re-read)."""
+        self._keyring = keyring
 
     async def open(self) -> None:
         await self.db.open()
@@ -65,16 +82,30 @@ class SqlStore:
         """Store the event sealed, with one PENDING delivery per output; returns after commit.
 
         Returns None, or the id of the earlier event this one duplicates (nothing stored).
+        errors.Replay if the event's signature nonce was seen before (nothing stored).
         """
         policy = event.route.bucket.policy
         new = queue.NewEvent(
-            row=queue.seal_event(self.keyring, event),
+            row=ephemeral.held_row(self.keyring, self.payloads, event)
+            if policy.ephemeral
+            else queue.seal_event(self.keyring, event),
             bucket_id=event.route.bucket.id,
             dedup_key=models.dedup_key(policy.dedup_headers, event.headers),
             dedup_window_ms=policy.dedup_window_ms,
+            nonce=event.nonce,
         )
-        original: str | None = await self.db.write_coalesced("ingest", queue.insert_events, new)
-        return original
+        stored = False
+        try:
+            result: queue.Ingested = await self.db.write_coalesced(
+                "ingest", queue.insert_events, new
+            )
+            stored = result.stored
+        finally:
+            if policy.ephemeral and not stored:
+                self.payloads.drop([event.id])
+        if result.replay:
+            raise errors.Replay()
+        return result.duplicate_of
 
     async def lease(
         self,
@@ -96,13 +127,25 @@ class SqlStore:
                 queue.claim, output_ids=output_ids, limit=limit, lease_ms=lease_ms, holder=holder
             )
         )
-        return [self._open_lease(item) for item in raw]
+        opened = [(item, self._open_lease(item)) for item in raw]
+        lost = [(item.delivery_id, item.attempt) for item, lease in opened if lease is None]
+        if lost:
+            await self.db.write(functools.partial(ephemeral.payloads_lost, leases=lost))
+        return [lease for _, lease in opened if lease is not None]
 
-    def _open_lease(self, item: queue.RawLease) -> models.Lease:
+    def _open_lease(self, item: queue.RawLease) -> models.Lease | None:
+        """The lease with its payload opened; None for an ephemeral one no longer held."""
         event = item.event
-        query, headers, body = queue.open_payload(
-            self.keyring, event.id, event.query_sealed, event.headers_sealed, event.body_sealed
-        )
+        if event.ephemeral:
+            payload = self.payloads.take(event.id, item.delivery_id)
+            if payload is None:
+                return None
+            path, query, headers, body = payload.path, payload.query, payload.headers, payload.body
+        else:
+            path = event.path
+            query, headers, body = queue.open_payload(
+                self.keyring, event.id, event.query_sealed, event.headers_sealed, event.body_sealed
+            )
         return models.Lease(
             lease_id=models.format_lease_id(item.delivery_id, item.attempt),
             delivery_id=item.delivery_id,
@@ -113,7 +156,7 @@ class SqlStore:
             output=item.output,
             input_id=event.input_id,
             method=event.method,
-            path=event.path,
+            path=path,
             query=query,
             headers=headers,
             body=body,
@@ -123,11 +166,13 @@ class SqlStore:
 
     async def settle(self, settlements: Sequence[models.Settlement], *, agent: str) -> list[str]:
         """Apply ACK/NACK/REJECT/failures; returns lease ids no longer held (fenced off)."""
-        return await self.db.write(
+        lost: list[str] = await self.db.write(
             functools.partial(
                 queue.settle, settlements=settlements, agent=agent, base_policy=self.retry_base
             )
         )
+        await ephemeral.forget_settled(self.db, self.payloads, [s.lease_id for s in settlements])
+        return lost
 
     async def extend(self, lease_ids: Sequence[str], extend_ms: int) -> list[str]:
         return await self.db.write(
@@ -136,9 +181,11 @@ class SqlStore:
 
     async def reap(self, *, limit: int = 500) -> list[str]:
         """Expire leases past their deadline (each a failed attempt); returns their ids."""
-        return await self.db.write(
+        expired: list[str] = await self.db.write(
             functools.partial(queue.reap, limit=limit, base_policy=self.retry_base)
         )
+        await ephemeral.forget_settled(self.db, self.payloads, expired)
+        return expired
 
     async def route(self, input_id: str) -> models.Route | None:
         """The input's route; its signing secrets opened (they exist only in memory)."""
@@ -204,7 +251,8 @@ class SqlStore:
 
     # ---- credentials ---------------------------------------------------------------
 
-    async def token(self, key_id: str) -> tuple[models.Token, str] | None:
+    async def token(self, key_id: str) -> tuple[models.Token, tuple[str, ...]] | None:
+        """The token and the bcrypt hashes of the secrets valid for it right now."""
         async with self.db.read() as conn:
             return await admin.get_token(conn, key_id)
 
@@ -223,6 +271,11 @@ class SqlStore:
 
     async def audit(self, **entry: str | None) -> None:
         await self.db.write(functools.partial(admin.audit, **entry))  # type: ignore[arg-type]
+
+    async def list_audit(self, where: audit_log.AuditFilter) -> list[audit_log.AuditEntry]:
+        """Audit entries matching `where`, newest first."""
+        async with self.db.read() as conn:
+            return await audit_log.list_entries(conn, where)
 
     # ---- events and the dead-letter queue --------------------------------------------
 
@@ -405,17 +458,38 @@ class SqlStore:
             functools.partial(admin.revoke_token, account_id=account_id, key_id=key_id)
         )
 
+    async def rotate_token(
+        self, account_id: str, key_id: str, secret_hash: str, grace_ms: int
+    ) -> models.Token:
+        return await self.db.write(
+            functools.partial(
+                admin.rotate_token,
+                account_id=account_id,
+                key_id=key_id,
+                secret_hash=secret_hash,
+                grace_ms=grace_ms,
+            )
+        )
+
+    async def bind_token(self, account_id: str, key_id: str, cert_sha256: str | None) -> None:
+        await self.db.write(
+            functools.partial(
+                admin.bind_token, account_id=account_id, key_id=key_id, cert_sha256=cert_sha256
+            )
+        )
+
     # ---- retention -----------------------------------------------------------------
 
     async def clean(self, *, limit: int = 500) -> dict[str, int]:
         """One pass of the retention rules, `limit` rows per write transaction.
 
-        Returns how many dedup keys, dead letters and events it deleted.
+        Returns how many dedup keys, replay nonces, dead letters and events it deleted.
         """
         now = models.now_ms()
-        removed = {"dedup_keys": 0, "dead_letters": 0, "events": 0}
+        removed = {"dedup_keys": 0, "nonces": 0, "dead_letters": 0, "events": 0}
         for name, step in (
             ("dedup_keys", retention.expired_dedup_keys),
+            ("nonces", retention.expired_nonces),
             ("dead_letters", retention.old_dead_letters),
         ):
             while True:

@@ -117,6 +117,9 @@ events = sa.Table(
     sa.Column("query_sealed", sa.LargeBinary, nullable=False),
     sa.Column("headers_sealed", sa.LargeBinary, nullable=False),
     sa.Column("body_sealed", sa.LargeBinary, nullable=False),
+    # Ephemeral bucket: the sealed fields above hold nothing (sealed empty values); path
+    # and source are empty too. The payload lives only in the receiving server's memory.
+    sa.Column("ephemeral", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index("ix_events_bucket_received", "bucket_id", "received_at"),
     sa.Index("ix_events_input", "input_id"),
 )

@@ -11,6 +11,7 @@ import pathlib
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -58,6 +59,7 @@ class Relay:
     input_id: str = ""
     token: str = ""
     starts: int = 0
+    http_ssl: ssl.SSLContext | None = None  # set when the server serves HTTPS: trusts its CA
 
     @property
     def db_path(self) -> pathlib.Path:
@@ -74,8 +76,26 @@ class Relay:
             f"http://127.0.0.1:{self.http_port}",
         ]
 
+    def write_config(self, **serve: str | int) -> pathlib.Path:
+        """<home>/relay.toml: this installation's database, key and ports, and `serve` keys."""
+        config = self.home / "relay.toml"
+        lines = [
+            f'database_url = "sqlite:///{self.db_path}"',
+            f'key_file = "{self.home / "var" / "stowhook.key"}"',
+            "[serve]",
+            f'http_listen = "127.0.0.1:{self.http_port}"',
+            f'grpc_listen = "127.0.0.1:{self.grpc_port}"',
+            *(f"{key} = {json.dumps(value)}" for key, value in serve.items()),
+        ]
+        config.write_text("\n".join(lines) + "\n")
+        return config
+
+    @property
+    def http_base(self) -> str:
+        return f"{'http' if self.http_ssl is None else 'https'}://127.0.0.1:{self.http_port}"
+
     def input_url(self, input_id: str | None = None, tail: str = "") -> str:
-        return f"http://127.0.0.1:{self.http_port}/in/{input_id or self.input_id}{tail}"
+        return f"{self.http_base}/in/{input_id or self.input_id}{tail}"
 
     @property
     def grpc_address(self) -> str:
@@ -154,7 +174,8 @@ class Relay:
             while True:
                 assert self.proc is not None and self.proc.poll() is None, self.log_text()
                 with contextlib.suppress(OSError):
-                    async with session.get(f"http://127.0.0.1:{self.http_port}/healthz") as r:
+                    url = f"{self.http_base}/healthz"
+                    async with session.get(url, ssl=self.http_ssl or True) as r:
                         if r.status == 200 and _port_open(self.grpc_port):
                             return
                 if time.monotonic() > deadline:

@@ -51,8 +51,11 @@ def keyring() -> crypto.KeyRing:
     return crypto.parse_key_file(crypto.generate_key_line())
 
 
-@pytest.fixture
-async def store(tmp_path: pathlib.Path, keyring: crypto.KeyRing) -> AsyncIterator[sql.SqlStore]:
+@contextlib.asynccontextmanager
+async def opened_store(
+    tmp_path: pathlib.Path, keyring: crypto.KeyRing
+) -> AsyncIterator[sql.SqlStore]:
+    """A migrated, open store on tmp_path/relay.db with fast test retries."""
     opened = sql.SqlStore(
         database.DatabaseSettings(url=f"sqlite:///{tmp_path / 'relay.db'}"),
         keyring,
@@ -64,6 +67,12 @@ async def store(tmp_path: pathlib.Path, keyring: crypto.KeyRing) -> AsyncIterato
         yield opened
     finally:
         await opened.close()
+
+
+@pytest.fixture
+async def store(tmp_path: pathlib.Path, keyring: crypto.KeyRing) -> AsyncIterator[sql.SqlStore]:
+    async with opened_store(tmp_path, keyring) as opened:
+        yield opened
 
 
 @pytest.fixture
@@ -93,6 +102,15 @@ async def running_server(tmp_path: pathlib.Path, keyring: crypto.KeyRing) -> Asy
             lease_ms=1000, poll_interval_s=0.05, reap_interval_s=0.1, retry=FAST
         ),
     )
+    async with serving(config, keyring) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    config: settings.ServerSettings, keyring: crypto.KeyRing
+) -> AsyncIterator[Running]:
+    """A RelayServer with `config` running in this event loop, installed (see install)."""
     relay = server.RelayServer(config, keyring)
     ready = asyncio.Event()
     task = asyncio.create_task(relay.run(on_ready=lambda _: ready.set()), name="relay")

@@ -25,6 +25,7 @@ import relay_agent
 from relay_agent import agent, errors, settings
 from relay_agent.destinations import http
 from relay_proto import relay_pb2, relay_pb2_grpc
+from tests import tls
 
 TOKEN = "key1.s3cr3t-value"
 WAIT_S = 5.0
@@ -430,8 +431,8 @@ async def test_an_agent_runs_once(target) -> None:
 
 
 async def test_tls_with_a_private_ca_and_server_name(tmp_path, target) -> None:
-    ca_pem, cert_pem, key_pem = make_tls_files("relay.test")
-    (tmp_path / "ca.pem").write_bytes(ca_pem)
+    pki = tls.Authority.create(tmp_path)
+    server_files = pki.issue("server", "relay.test")
     welcomed = asyncio.Event()
 
     async def script(stream: FakeStream) -> None:
@@ -442,58 +443,18 @@ async def test_tls_with_a_private_ca_and_server_name(tmp_path, target) -> None:
     relay = FakeRelay(script)
     server = grpc.aio.server()
     relay_pb2_grpc.add_AgentRelayServicer_to_server(relay, server)
-    credentials = grpc.ssl_server_credentials([(key_pem, cert_pem)])
+    credentials = grpc.ssl_server_credentials(
+        [(server_files.key.read_bytes(), server_files.cert.read_bytes())]
+    )
     port = server.add_secure_port("127.0.0.1:0", credentials)
     await server.start()
     try:
-        tls = {"insecure": False, "ca_file": tmp_path / "ca.pem", "tls_server_name": "relay.test"}
-        async with running_agent(port, target[1], **tls):
+        options = {"insecure": False, "ca_file": pki.ca_file, "tls_server_name": "relay.test"}
+        async with running_agent(port, target[1], **options):
             await asyncio.wait_for(welcomed.wait(), WAIT_S)
         assert relay.streams[0].metadata["authorization"] == f"Bearer {TOKEN}"
     finally:
         await server.stop(grace=None)
-
-
-def make_tls_files(name: str) -> tuple[bytes, bytes, bytes]:
-    """A throw-away CA and a server certificate for `name`, as PEM."""
-    x509 = pytest.importorskip("cryptography.x509")
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def certificate(subject: str, key, issuer: str, signer, *, ca: bool):
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if not ca:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.DNSName(subject)]), critical=False
-            )
-        return builder.sign(signer, hashes.SHA256())
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = certificate("Test CA", ca_key, "Test CA", ca_key, ca=True)
-    server_cert = certificate(name, server_key, "Test CA", ca_key, ca=False)
-    key_pem = server_key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return (
-        ca_cert.public_bytes(serialization.Encoding.PEM),
-        server_cert.public_bytes(serialization.Encoding.PEM),
-        key_pem,
-    )
 
 
 async def _until(condition: Callable[[], bool]) -> None:

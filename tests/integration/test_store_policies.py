@@ -164,7 +164,7 @@ async def test_the_cleaner_works_in_small_batches_and_forgets_dedup_keys(
         await store.settle([settle(item, models.Outcome.ACK)], agent="t")
     await asyncio.sleep(0.01)
     removed = await store.clean(limit=3)
-    assert removed == {"dedup_keys": 1, "dead_letters": 0, "events": 7}
+    assert removed == {"dedup_keys": 1, "nonces": 0, "dead_letters": 0, "events": 7}
     remaining = await stored_event_ids(store)
     assert not set(ids) & set(remaining) and len(remaining) == 1
     async with store.db.read() as conn:

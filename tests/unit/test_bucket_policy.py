@@ -61,6 +61,7 @@ def flags(**given: object) -> dict[str, object]:
         "dedup_presets": (),
         "no_dedup": False,
         "dedup_window": None,
+        "ephemeral": None,
     }
     return {**base, **given}
 

@@ -98,3 +98,33 @@ def test_a_key_file_readable_by_others_is_refused(tmp_path: pathlib.Path) -> Non
 def test_a_missing_key_file_says_how_to_make_one(tmp_path: pathlib.Path) -> None:
     with pytest.raises(errors.ConfigError, match="relay-server keys generate"):
         crypto.load_key_file(tmp_path / "absent")
+
+
+def test_a_rotated_key_file_keeps_every_key_the_new_one_first(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "stowhook.key"
+    crypto.write_new_key_file(path)
+    sealed = crypto.load_key_file(path).seal(b"old", b"a")
+
+    with crypto.key_file_lock(path):
+        rotated = crypto.add_primary_key(path)
+
+    reread = crypto.load_key_file(path)  # refuses a file other users can read
+    assert (reread.primary_id, list(reread.keys)) == ("k2", ["k2", "k1"])
+    assert reread.keys == rotated.keys and reread.open(sealed, b"a") == b"old"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
+
+
+def test_new_key_ids_count_up_past_the_highest() -> None:
+    assert crypto.next_key_id({"k1": b"", "k7": b"", "backup": b""}) == "k8"
+    assert crypto.next_key_id({"custom": b""}) == "k1"
+
+
+def test_only_one_rotation_holds_the_key_file_lock(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "stowhook.key"
+    crypto.write_new_key_file(path)
+    with crypto.key_file_lock(path), pytest.raises(errors.ConfigError, match="another key"):
+        with crypto.key_file_lock(path):
+            pass
+    with crypto.key_file_lock(path):  # released
+        pass
