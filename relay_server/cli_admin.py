@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from relay_server import auth, cli, console, models
-from relay_server.ingress import answers, limits, signatures
+from relay_server.ingress import answers, signatures
 from relay_server.store import sql
 
 
@@ -313,7 +313,7 @@ def input_list(
                 i.name,
                 b,
                 answers.describe(i.response),
-                limits.describe(i.rate_limit) if i.rate_limit else "-",
+                i.rate_limit.describe() if i.rate_limit else "-",
                 signatures.describe(i.verification),
                 f"{base}/in/{i.id}",
             )

@@ -14,7 +14,7 @@ import click
 
 from relay_server import cli, console, models
 from relay_server.cli_admin import admin, audited
-from relay_server.ingress import answers, gate, signatures
+from relay_server.ingress import answers, signatures
 from relay_server.store import sql
 
 
@@ -288,7 +288,7 @@ def bucket_show(state: cli.CliState, name: str, account_name: str, as_json: bool
         return
     click.echo(f"bucket {found.name}")
     _print_policy(found.policy)
-    click.echo(f"input auth: {gate.describe_auth(found.input_auth)}")
+    click.echo(f"input auth: {models.describe_auth(found.input_auth)}")
     click.echo(
         "deliveries: "
         + ", ".join(f"{s} {counts.get(s, 0)}" for s in models.DeliveryState)

@@ -12,7 +12,6 @@ import math
 import click
 
 from relay_server import cli, cli_admin, console, models
-from relay_server.ingress import limits
 from relay_server.store import sql
 
 
@@ -73,4 +72,4 @@ def rate_limit(rate: str | None, burst: int | None, off: bool) -> models.RateLim
 
 
 def describe(limit: models.RateLimit | None) -> str:
-    return "none" if limit is None else limits.describe(limit)
+    return "none" if limit is None else limit.describe()

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from relay_server import auth, cli, cli_admin, console, models
-from relay_server.ingress import answers, gate, signatures
+from relay_server.ingress import answers, signatures
 from relay_server.store import sql
 
 MIN_CREDENTIAL_CHARS = 12  # shorter passwords and tokens are guessable
@@ -93,13 +93,15 @@ def bucket_auth(
     async def action(store: sql.SqlStore) -> None:
         found = await store.get_bucket((await store.get_account(account_name)).id, name)
         await store.set_input_auth(found, chosen)
-        await cli_admin.audited(store, "bucket.auth", f"bucket:{name}", gate.describe_auth(chosen))
+        await cli_admin.audited(
+            store, "bucket.auth", f"bucket:{name}", models.describe_auth(chosen)
+        )
 
     cli.run_with_store(state, action)
     if as_json:
         console.emit_json({"bucket": name, "input_auth": chosen})
     else:
-        click.echo(f"bucket {name} input auth: {gate.describe_auth(chosen)}")
+        click.echo(f"bucket {name} input auth: {models.describe_auth(chosen)}")
 
 
 def input_auth(

@@ -113,6 +113,15 @@ class InputAuth:
     secret_hash: str = dataclasses.field(default="", repr=False)  # bcrypt of password/token
 
 
+def describe_auth(input_auth: InputAuth | None) -> str:
+    """What a bucket's inputs ask senders for, for people and audit entries: never a secret."""
+    if input_auth is None:
+        return "none"
+    if input_auth.kind is InputAuthKind.BASIC:
+        return f"basic (user {input_auth.username})"
+    return "token"
+
+
 class VerifyKind(enum.StrEnum):
     GITHUB = "github"  # X-Hub-Signature-256: sha256=<hex HMAC of the body>
     STRIPE = "stripe"  # Stripe-Signature: t=<ts>,v1=<hex HMAC of "ts.body">
@@ -160,6 +169,10 @@ class RateLimit:
 
     per_s: float
     burst: int
+
+    def describe(self) -> str:
+        """'10/s, burst 20'."""
+        return f"{self.per_s:g}/s, burst {self.burst}"
 
     def __post_init__(self) -> None:
         if not (0 < self.per_s < float("inf")) or self.burst < 1:

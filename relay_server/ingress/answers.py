@@ -23,7 +23,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import structlog
-from aiohttp import web
 
 from relay_server import models
 
@@ -165,11 +164,6 @@ async def answer(mode: models.ResponseMode, waiter: asyncio.Future[Answer | None
         return on_timeout(mode)
     log.info("reply_relayed", status=got.status)
     return got
-
-
-def to_response(found: Answer, **extra: str) -> web.Response:
-    headers = [*found.headers, *extra.items()]
-    return web.Response(status=found.status, headers=headers, body=found.body or None)
 
 
 def describe(mode: models.ResponseMode) -> str:

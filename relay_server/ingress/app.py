@@ -69,6 +69,11 @@ def create_app(
     return app
 
 
+def _to_response(found: answers.Answer, **extra: str) -> web.Response:
+    headers = [*found.headers, *extra.items()]
+    return web.Response(status=found.status, headers=headers, body=found.body or None)
+
+
 def _empty(status: int, **headers: str) -> web.Response:
     return web.Response(status=status, headers=headers)
 
@@ -160,10 +165,10 @@ async def _commit_and_answer(
         if original is not None:
             log.info("event_duplicate", duplicate_of=original, **event.log_context())
             duplicate = answers.immediate(mode)
-            return answers.to_response(duplicate, **{DUPLICATE_HEADER: original})
+            return _to_response(duplicate, **{DUPLICATE_HEADER: original})
         app[HUB].notify(event.route.output_ids)
         log.info("event_received", method=event.method, **event.log_context())
-        return answers.to_response(await answers.answer(mode, waiter))
+        return _to_response(await answers.answer(mode, waiter))
 
 
 async def _route_or_unavailable(request: web.Request) -> models.Route | web.StreamResponse | None:

@@ -117,15 +117,6 @@ def replay(event: models.IncomingEvent) -> web.Response:
     return web.Response(status=401, text="replay\n")
 
 
-def describe_auth(input_auth: models.InputAuth | None) -> str:
-    """What a bucket's inputs ask senders for, for people and audit entries: never a secret."""
-    if input_auth is None:
-        return "none"
-    if input_auth.kind is models.InputAuthKind.BASIC:
-        return f"basic (user {input_auth.username})"
-    return "token"
-
-
 def basic_credentials(header: str) -> tuple[str, str] | None:
     """(user name, password) from `Basic <base64 of user:password>` (UTF-8), else None."""
     scheme, _, encoded = header.partition(" ")

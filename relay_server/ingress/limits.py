@@ -141,9 +141,11 @@ class RateLimiter:
             return None
         retry_after = max(1, math.ceil(wait))
         if refused == 1:  # once per run of refusals, not once per request
-            log.info("rate_limited", limit=describe(limit), retry_after_s=retry_after, **context)
+            log.info("rate_limited", limit=limit.describe(), retry_after_s=retry_after, **context)
         what = "this input" if "input_id" in context else "this source"
-        return too_many(request, f"rate limit for {what} exceeded ({describe(limit)})", retry_after)
+        return too_many(
+            request, f"rate limit for {what} exceeded ({limit.describe()})", retry_after
+        )
 
 
 def too_many(request: web.Request, reason: str, retry_after: int) -> web.Response:
@@ -156,11 +158,6 @@ def too_many(request: web.Request, reason: str, retry_after: int) -> web.Respons
     if not request.content.is_eof():
         response.force_close()
     return response
-
-
-def describe(limit: models.RateLimit) -> str:
-    """'10/s, burst 20'."""
-    return f"{limit.per_s:g}/s, burst {limit.burst}"
 
 
 LIMITER = web.AppKey("limiter", RateLimiter)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-
-from aiohttp import web
+from typing import TYPE_CHECKING
 
 from relay_server import errors
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 FORWARDED_FOR = "X-Forwarded-For"

@@ -14,17 +14,18 @@ import contextlib
 import pathlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 import structlog
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from relay_server import errors
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 T = TypeVar("T")
 WriteOp = Callable[[AsyncConnection], Awaitable[T]]
@@ -32,6 +33,8 @@ WriteOp = Callable[[AsyncConnection], Awaitable[T]]
 log = structlog.get_logger(__name__)
 
 MIGRATIONS = pathlib.Path(__file__).resolve().parent.parent / "migrations"
+# The newest migration in MIGRATIONS (checked by tests/integration/test_migrations.py).
+SCHEMA_HEAD = "0004"
 SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
@@ -339,6 +342,8 @@ def _configure_sqlite(engine: AsyncEngine, settings: DatabaseSettings) -> None:
 
 def migration_config(sync_conn: sa.Connection) -> Config:
     """Alembic's configuration, running on `sync_conn`."""
+    from alembic.config import Config  # imported here: alembic only when migrating
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = sync_conn
@@ -346,4 +351,19 @@ def migration_config(sync_conn: sa.Connection) -> Config:
 
 
 def _upgrade(sync_conn: sa.Connection) -> None:
+    """Migrate to the newest revision, unless the database is there already.
+
+    Every CLI command calls this; reading one row is much cheaper than loading alembic
+    and its scripts (tests/integration/test_migrations.py keeps SCHEMA_HEAD honest).
+    """
+    if _revision(sync_conn) == SCHEMA_HEAD:
+        return
+    from alembic import command
+
     command.upgrade(migration_config(sync_conn), "head")
+
+
+def _revision(sync_conn: sa.Connection) -> str | None:
+    if not sa.inspect(sync_conn).has_table("alembic_version"):
+        return None
+    return sync_conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()

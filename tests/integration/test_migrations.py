@@ -53,3 +53,12 @@ async def test_an_upgrade_gives_existing_buckets_the_default_policy(
     ), "kept its own retry and retention; dedup and DLQ retention get the defaults"
     assert (output.name, output.ordered) == ("default", False), "outputs survive the upgrade"
     assert route is not None and route.output_ids == ("o1",), "so do inputs"
+
+
+def test_schema_head_names_the_newest_migration() -> None:
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory(str(database.MIGRATIONS))
+    assert scripts.get_current_head() == database.SCHEMA_HEAD, (
+        "a new migration must also move database.SCHEMA_HEAD, or CLI commands skip it"
+    )

@@ -64,9 +64,13 @@ def test_a_ring_with_an_old_key_opens_old_records_and_seals_with_the_primary() -
     [
         ("", "holds no key"),
         ("k1:not base64!", "line 1: not base64"),
-        (f"k1:{base64.b64encode(os.urandom(16)).decode()}", "16 bytes; AES-256 needs exactly 32"),
-        (f"{crypto.generate_key_line('a')}\n{crypto.generate_key_line('a')}", "repeated"),
+        (f"k1:{base64.b64encode(bytes(16)).decode()}", "16 bytes; AES-256 needs exactly 32"),
+        (
+            f"a:{base64.b64encode(bytes(32)).decode()}\na:{base64.b64encode(bytes(32)).decode()}",
+            "repeated",
+        ),
     ],
+    ids=["empty", "not-base64", "short-key", "repeated-id"],
 )
 def test_bad_key_files_are_refused_with_the_reason(text: str, message: str) -> None:
     with pytest.raises(errors.ConfigError, match=message):
