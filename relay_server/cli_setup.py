@@ -367,13 +367,16 @@ def _print_quickstart(
     key_created: bool,
 ) -> None:
     url = f"{state.public_base()}/in/{found.id}"
+    tls = bool(
+        state.serve_defaults.get("grpc_tls_cert") or os.environ.get("STOWHOOK_GRPC_TLS_CERT")
+    )
     agent = shlex.join(
         [
             _agent_program(),
             "run",
             "--server",
             grpc_address,
-            "--insecure",
+            *([] if tls else ["--insecure"]),
             "--token-file",
             str(token_file.resolve()),
             "--bucket",
@@ -396,4 +399,7 @@ def _print_quickstart(
     click.echo(f"  curl -X POST -H 'Content-Type: application/json' -d '{{\"hello\": 1}}' {url}")
     click.echo("\nIn another terminal, behind your firewall, run the agent:")
     click.echo(f"  {agent}")
-    click.echo("  (--insecure: plaintext gRPC for this local demo; use TLS in production)\n")
+    if tls:
+        click.echo("  (TLS: add --ca-file PEM unless the server's certificate is public)\n")
+    else:
+        click.echo("  (--insecure: plaintext gRPC for this local demo; use TLS in production)\n")
