@@ -13,11 +13,15 @@
 # 10 s would SIGKILL it first: nothing is lost (the server retries once the leases run
 # out), but those events arrive later, and some twice.
 #
+# The image's file system can be read-only (docker run --read-only, Kubernetes
+# readOnlyRootFilesystem): the agent writes only to the folders of `dir` destinations.
+#
 # Not built on the machine this was written on (it has no Docker engine): the steps are
-# plain pip and useradd on Debian, but treat the first build as the first test. It needs
-# BuildKit (the default builder since Docker 23) for the RUN --mount below.
+# plain pip and useradd on Debian, but treat the first build as the first test; the test
+# suite lints this file with hadolint (tests/unit/test_deploy.py). It needs BuildKit (the
+# default builder since Docker 23) for the RUN --mount below.
 
-FROM python:3.11-slim AS build
+FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 # Only what the agent's package needs; relay_server is left out of the wheel.
 COPY pyproject.toml README.md ./
@@ -26,10 +30,12 @@ COPY relay_proto ./relay_proto
 # Wheels for stowhook and every dependency, so the final stage installs offline.
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
-FROM python:3.11-slim
+FROM python:3.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     STOWHOOK_LOG_FORMAT=json
+# Versions are pinned by the build stage: /wheels holds exactly one of each (DL3013).
+# hadolint ignore=DL3013
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links /wheels stowhook \
     && useradd --system --user-group --uid 10001 --no-create-home \

@@ -95,10 +95,12 @@ def _log_options(command: _F) -> _F:
 )
 @click.option(
     "--server",
+    multiple=True,
     envvar="STOWHOOK_SERVER",
     show_envvar=True,
     metavar="HOST:PORT",
-    help="The server's gRPC address (required without -c).",
+    help="The server's gRPC address (required without -c). Several replicas: repeat it (or "
+    "give HOST:PORT,HOST:PORT); each reconnect dials the next one in turn.",
 )
 @_token_options
 @click.option(
@@ -258,7 +260,7 @@ def _refuse_flags_with_config(ctx: click.Context, options: dict[str, Any]) -> No
 
 def _flags_config(
     *,
-    server: str | None,
+    server: tuple[str, ...],
     token: str | None,
     token_file: pathlib.Path | None,
     buckets: tuple[str, ...],
@@ -282,7 +284,7 @@ def _flags_config(
     destination = _flags_destination(**destination_options)
     extra: dict[str, Any] = {"agent_name": agent_name} if agent_name else {}
     agent_settings = settings.AgentSettings(
-        server=server,
+        server=",".join(server),
         token=_token(token, token_file),
         buckets=buckets,
         output=output,

@@ -179,7 +179,7 @@ def pull(
 
 def pull_settings(
     *,
-    server: str | None,
+    server: tuple[str, ...],
     token: str,
     buckets: tuple[str, ...],
     ca_file: Any,
@@ -196,7 +196,7 @@ def pull_settings(
     if not buckets:
         raise errors.ConfigError("--bucket NAME is required")
     return settings.AgentSettings(
-        server=server,
+        server=",".join(server),
         token=token,
         buckets=buckets,
         max_in_flight=in_flight(max_events, dry_run=dry_run),

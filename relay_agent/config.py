@@ -272,7 +272,7 @@ class _Reader:
     ) -> settings.AgentSettings:
         server = self._required_string(merged, "server")
         with self._at(merged.origin("server"), "server"):
-            settings.check_server_address(server)
+            settings.server_list(server)
         extra: dict[str, Any] = {}
         if (name := self._string(merged, "name")) is not None:
             extra["agent_name"] = name

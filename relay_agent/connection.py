@@ -42,8 +42,9 @@ Incoming: TypeAlias = models.Delivery | models.LeaseLost
 class Connection:
     """One Connect stream. Open once, then receive and send; close always."""
 
-    def __init__(self, agent_settings: settings.AgentSettings) -> None:
+    def __init__(self, agent_settings: settings.AgentSettings, server: str | None = None) -> None:
         self._settings = agent_settings
+        self.server = server or agent_settings.servers[0]  # which replica this stream dials
         self._outbox = _Outbox()
         self._channel: grpc.aio.Channel | None = None
         self._call: grpc.aio.StreamStreamCall | None = None
@@ -59,7 +60,7 @@ class Connection:
         """Start the stream, send Subscribe, and wait for the server's Welcome."""
         if self._channel is not None or self._closed:
             raise RuntimeError("a Connection can only be opened once")
-        self._channel = make_channel(self._settings)
+        self._channel = make_channel(self._settings, self.server)
         self._outbox.put(subscribe_message(self._settings))
         stub = relay_pb2_grpc.AgentRelayStub(self._channel)  # type: ignore[no-untyped-call]
         metadata = (("authorization", f"Bearer {self._settings.token}"),)
@@ -171,7 +172,7 @@ class Connection:
         return result
 
 
-def make_channel(agent_settings: settings.AgentSettings) -> grpc.aio.Channel:
+def make_channel(agent_settings: settings.AgentSettings, server: str) -> grpc.aio.Channel:
     """TLS unless told otherwise, with keepalive so a dead peer is noticed."""
     options: list[tuple[str, str | int]] = [
         ("grpc.keepalive_time_ms", agent_settings.keepalive_time_ms),
@@ -185,7 +186,7 @@ def make_channel(agent_settings: settings.AgentSettings) -> grpc.aio.Channel:
         ("grpc.primary_user_agent", f"stowhook-agent/{relay_agent.__version__}"),
     ]
     if agent_settings.insecure:
-        return grpc.aio.insecure_channel(agent_settings.server, options=options)
+        return grpc.aio.insecure_channel(server, options=options)
     if agent_settings.tls_server_name:
         options.append(("grpc.ssl_target_name_override", agent_settings.tls_server_name))
     credentials = grpc.ssl_channel_credentials(
@@ -193,7 +194,7 @@ def make_channel(agent_settings: settings.AgentSettings) -> grpc.aio.Channel:
         private_key=_read(agent_settings.client_key, "client key"),
         certificate_chain=_read(agent_settings.client_cert, "client certificate"),
     )
-    return grpc.aio.secure_channel(agent_settings.server, credentials, options=options)
+    return grpc.aio.secure_channel(server, credentials, options=options)
 
 
 def subscribe_message(agent_settings: settings.AgentSettings) -> relay_pb2.AgentMessage:

@@ -36,6 +36,7 @@ import collections
 import contextlib
 import datetime
 import enum
+import itertools
 import json
 import math
 import random
@@ -442,9 +443,14 @@ class Consumer:
 
     async def _run(self) -> None:
         failures = 0
+        servers = self._settings.servers
         try:
-            while not self._stopping.is_set():
-                stream = _Stream(self._settings, self, self._closing)
+            for turn in itertools.count():
+                if self._stopping.is_set():
+                    break
+                # Several replicas: each reconnect dials the next one (any replica serves).
+                server = servers[turn % len(servers)]
+                stream = _Stream(self._settings, self, self._closing, server)
                 try:
                     await stream.run()
                 except errors.ConnectionLost as exc:
@@ -470,12 +476,16 @@ class _Stream:
     """One Connect stream and the events received on it."""
 
     def __init__(
-        self, agent_settings: settings.AgentSettings, owner: Consumer, closing: asyncio.Event
+        self,
+        agent_settings: settings.AgentSettings,
+        owner: Consumer,
+        closing: asyncio.Event,
+        server: str,
     ) -> None:
         self._settings = agent_settings
         self._owner = owner
         self._closing = closing
-        self._conn = connection.Connection(agent_settings)
+        self._conn = connection.Connection(agent_settings, server)
         self._events: dict[str, Event] = {}  # by lease id: every event not settled or lost
         self._paused = False  # Credit{0} sent: the server pushes nothing more
         self._settlements: set[asyncio.Task[None]] = set()
@@ -485,7 +495,7 @@ class _Stream:
 
     async def run(self) -> None:
         """Serve the stream until closed (returns) or until it breaks (raises)."""
-        log.info("connecting", server=self._settings.server, buckets=list(self._settings.buckets))
+        log.info("connecting", server=self._conn.server, buckets=list(self._settings.buckets))
         async with self._conn:
             welcome = await _unless_set(self._conn.open(), self._owner._stopping)
             if welcome is None:

@@ -92,7 +92,9 @@ def reconnect_delay(policy: ReconnectPolicy, failures: int, rand: float) -> floa
 class AgentSettings:
     """How to reach the server and what to ask it for."""
 
-    server: str  # "host:port" of the server's gRPC listener
+    # "host:port" of the server's gRPC listener; several replicas: "a:port,b:port" (the
+    # agent dials the next one each time it reconnects, see `servers`)
+    server: str
     token: str = dataclasses.field(repr=False)  # "<key_id>.<secret>"; never logged
     buckets: tuple[str, ...]
     output: str = DEFAULT_OUTPUT  # which of each bucket's outputs to consume
@@ -110,7 +112,7 @@ class AgentSettings:
     reconnect: ReconnectPolicy = dataclasses.field(default_factory=ReconnectPolicy)
 
     def __post_init__(self) -> None:
-        check_server_address(self.server)
+        server_list(self.server)
         check_token(self.token)
         _check_buckets(self.buckets)
         if not self.output or self.output != self.output.strip() or len(self.output) > 100:
@@ -123,6 +125,11 @@ class AgentSettings:
         if not self.agent_name.strip():
             raise errors.ConfigError("the agent name must not be empty")
         self._check_tls()
+
+    @property
+    def servers(self) -> tuple[str, ...]:
+        """The addresses to dial, in turn: one per reconnect, round the list."""
+        return server_list(self.server)
 
     @property
     def key_id(self) -> str:
@@ -272,6 +279,14 @@ def check_server_address(server: str) -> None:
         raise errors.ConfigError(f"invalid port in server address {server!r}: {expected}")
     if "/" in host or (":" in host and not (host.startswith("[") and host.endswith("]"))):
         raise errors.ConfigError(f"invalid server address {server!r}: {expected}")
+
+
+def server_list(servers: str) -> tuple[str, ...]:
+    """The addresses of "host:port" or "host:port,host:port,...", each checked."""
+    found = tuple(part.strip() for part in servers.split(","))
+    for server in found:
+        check_server_address(server)
+    return found
 
 
 def check_token(token: str) -> None:

@@ -34,12 +34,13 @@ DEFAULT_KEY_FILE = "var/stowhook.key"
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CliState:
     database_url: str
+    database_tuning: dict[str, Any]  # pool size and timeouts (DatabaseSettings fields)
     key_file: pathlib.Path
     public_url: str
     serve_defaults: dict[str, Any]
 
     def database(self, **extra: Any) -> database.DatabaseSettings:
-        return database.DatabaseSettings(url=self.database_url, **extra)
+        return database.DatabaseSettings(url=self.database_url, **self.database_tuning, **extra)
 
     def keyring(self, *, required: bool) -> crypto.KeyRing | None:
         if not required and not self.key_file.exists():
@@ -133,6 +134,30 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
     help="sqlite:///path.db or postgresql+asyncpg://user@host/db",
 )
 @click.option(
+    "--database-pool-size",
+    envvar="STOWHOOK_DATABASE_POOL_SIZE",
+    type=click.IntRange(1),
+    default=database.DEFAULT_POOL_SIZE,
+    show_default=True,
+    help="PostgreSQL: connections each process keeps open (up to 10 more in bursts).",
+)
+@click.option(
+    "--database-connect-timeout",
+    envvar="STOWHOOK_DATABASE_CONNECT_TIMEOUT",
+    default=console.format_duration_ms(database.DEFAULT_CONNECT_TIMEOUT_MS),
+    show_default=True,
+    help="PostgreSQL: give up opening a connection, or waiting for a free one, after this; "
+    "a webhook then gets 503 + Retry-After.",
+)
+@click.option(
+    "--database-statement-timeout",
+    envvar="STOWHOOK_DATABASE_STATEMENT_TIMEOUT",
+    default=console.format_duration_ms(database.DEFAULT_STATEMENT_TIMEOUT_MS),
+    show_default=True,
+    help="PostgreSQL: the server cancels a statement running longer (0 never); migrations "
+    "are exempt.",
+)
+@click.option(
     "--key-file",
     envvar="STOWHOOK_KEY_FILE",
     default=DEFAULT_KEY_FILE,
@@ -158,6 +183,9 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 def main(
     ctx: click.Context,
     database_url: str,
+    database_pool_size: int,
+    database_connect_timeout: str,
+    database_statement_timeout: str,
     key_file: pathlib.Path,
     public_url: str,
     log_format: relay_logging.LogFormat,
@@ -169,6 +197,11 @@ def main(
     relay_logging.configure(log_format, log_level)
     ctx.obj = CliState(
         database_url=database_url,
+        database_tuning={
+            "pool_size": database_pool_size,
+            "connect_timeout_s": console.parse_duration_ms(database_connect_timeout) / 1000,
+            "statement_timeout_ms": console.parse_duration_ms(database_statement_timeout),
+        },
         key_file=key_file,
         public_url=public_url,
         serve_defaults=dict((ctx.default_map or {}).get("serve", {})),
@@ -314,7 +347,17 @@ def main(
     "--poll-interval",
     default="1s",
     show_default=True,
-    help="How often idle streams look for retries that came due.",
+    help="How often idle streams look for work nobody announced: retries that came due, "
+    "replays, another replica's events when a notification was lost.",
+)
+@click.option(
+    "--listen/--no-listen",
+    "listen",
+    envvar="STOWHOOK_LISTEN",
+    default=True,
+    show_default=True,
+    help="PostgreSQL: hear other replicas' new events at once (LISTEN/NOTIFY). Without it "
+    "an event received by another replica waits for --poll-interval. Ignored on SQLite.",
 )
 @click.option(
     "--retention-interval",
@@ -484,6 +527,7 @@ def serve(state: CliState, /, **options: Any) -> None:
                 lease_ms=options["lease_ms"],
                 poll_interval_s=console.parse_duration_ms(options["poll_interval"]) / 1000,
                 clean_interval_s=console.parse_duration_ms(options["retention_interval"]) / 1000,
+                listen=options["listen"],
                 retry=retry.RetryPolicy(
                     initial_ms=console.parse_duration_ms(options["retry_initial"]),
                     cap_ms=console.parse_duration_ms(options["retry_cap"]),
@@ -539,6 +583,7 @@ from relay_server import (  # noqa: E402  (commands register on `main`)
     cli_buckets,
     cli_events,
     cli_limits,
+    cli_migrate,
     cli_respond,
     cli_security,
     cli_setup,
@@ -554,3 +599,4 @@ cli_buckets.register(main)
 cli_security.register(main)  # after the bucket and input groups
 cli_events.register(main)
 cli_audit.register(main)
+cli_migrate.register(main)

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from relay_proto import relay_pb2, relay_pb2_grpc
 from relay_server import auth, crypto, keys, reaper, settings, throttle, tls
 from relay_server.dispatch import hub as hub_mod
+from relay_server.dispatch import pg_notify
 from relay_server.dispatch import servicer as servicer_mod
 from relay_server.ingress import app as ingress_app
 from relay_server.ingress import connections, waiting
@@ -81,6 +82,8 @@ class RelayServer:
             reaper.RetentionCleaner(self.store, self.config.dispatch.clean_interval_s),
             self.key_reloader,
         ]
+        if self.config.dispatch.listen and self.store.db.dialect == "postgresql":
+            housekeeping.append(pg_notify.Listener(self.store, self.hub))  # other replicas
         servicer = servicer_mod.AgentRelayServicer(
             store=self.store,
             hub=self.hub,

@@ -135,6 +135,7 @@ class DispatchSettings:
     reap_interval_s: float = 1.0
     clean_interval_s: float = 60.0  # how often the retention cleaner runs
     max_batch_bytes: int = MIB  # deliveries packed into one frame up to this many body bytes
+    listen: bool = True  # PostgreSQL: LISTEN for other replicas' new events (pg_notify.py)
     retry: retry.RetryPolicy = field(default_factory=retry.RetryPolicy)
 
     def __post_init__(self) -> None:

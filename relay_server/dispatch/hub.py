@@ -1,7 +1,9 @@
 """Wakes the sessions that consume an output when it has new work (in this process).
 
 Sessions also poll on a bounded interval, so work the hub never hears of (retries coming
-due, replays from the CLI, another replica's ingest) is found anyway.
+due, replays from the CLI, a notification from another replica that was lost) is found
+anyway. On PostgreSQL, other replicas' ingests reach the hub through
+relay_server.dispatch.pg_notify.
 
 The hub also carries the callers waiting for their destination's answer (`waiting`):
 the other meeting point of ingress and sessions in this process.
@@ -36,3 +38,7 @@ class Hub:
         for output_id in output_ids:
             for wake in self._waiters.get(output_id, ()):
                 wake.set()
+
+    def notify_all(self) -> None:
+        """Wake every session: news may have been missed (a listener was down)."""
+        self.notify(list(self._waiters))

@@ -36,6 +36,10 @@ MIGRATIONS = pathlib.Path(__file__).resolve().parent.parent / "migrations"
 # The newest migration in MIGRATIONS (checked by tests/integration/test_migrations.py).
 SCHEMA_HEAD = "0004"
 SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+CLOSE_GRACE_S = 5.0  # close() waits this long at most for operations still under way
+DEFAULT_POOL_SIZE = 10
+DEFAULT_CONNECT_TIMEOUT_MS = 5_000
+DEFAULT_STATEMENT_TIMEOUT_MS = 30_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -44,7 +48,13 @@ class DatabaseSettings:
     sqlite_synchronous: str = "FULL"  # FULL: a 2xx survives power loss, not just a crash
     sqlite_busy_timeout_ms: int = 5000
     max_group: int = 512  # operations committed together at most
-    pool_size: int = 10  # PostgreSQL connections per process
+    # PostgreSQL: connections kept per process (SQLAlchemy opens up to 10 more in bursts).
+    pool_size: int = DEFAULT_POOL_SIZE
+    # PostgreSQL: give up opening a connection, or waiting for a pooled one, after this.
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_MS / 1000
+    # PostgreSQL: the server cancels a statement running longer (0: never); not applied
+    # to migrations, which may rewrite big tables.
+    statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS
 
     def __post_init__(self) -> None:
         if not (self.url.startswith("sqlite") or self.url.startswith("postgresql")):
@@ -56,6 +66,12 @@ class DatabaseSettings:
             raise errors.ConfigError(f"sqlite_synchronous must be one of {SQLITE_SYNCHRONOUS}")
         if self.sqlite_busy_timeout_ms < 0:
             raise errors.ConfigError("the SQLite busy timeout cannot be negative")
+        if self.pool_size < 1:
+            raise errors.ConfigError("the database pool size must be at least 1")
+        if self.connect_timeout_s <= 0:
+            raise errors.ConfigError("the database connect timeout must be positive")
+        if self.statement_timeout_ms < 0:
+            raise errors.ConfigError("the database statement timeout cannot be negative")
 
     @property
     def is_sqlite(self) -> bool:
@@ -80,15 +96,53 @@ def redact_url(url: str) -> str:
 def translate(exc: BaseException) -> errors.StorageError:
     """Map a driver error to the storage error tree (the caller raises `from exc`)."""
     text = str(getattr(exc, "orig", exc))
-    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, OSError)):
+    if _is_unavailable(exc):
         return errors.StorageUnavailable(f"database unavailable: {text}")
     if isinstance(exc, sa_exc.IntegrityError):
         return errors.StorageError(f"integrity error: {text}")
     return errors.StorageError(f"database error: {text}")
 
 
+# SQLSTATE classes that mean "not now" rather than "never": connection exceptions (08),
+# transaction rollbacks such as deadlocks (40), insufficient resources (53), objects not
+# ready, e.g. a database not accepting connections (55), operator intervention: shutdown,
+# restart, statement timeout (57), and I/O errors (58).
+UNAVAILABLE_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "55", "57", "58"})
+
+
 def _is_unavailable(exc: BaseException) -> bool:
-    return isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, OSError))
+    """Whether the database failed, rather than the statement: worth a 503 and a retry.
+
+    SQLAlchemy wraps most asyncpg errors in a plain DBAPIError, so the SQLSTATE and the
+    exception chain (down to asyncpg's or the socket's own error) decide.
+    """
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen and len(seen) < 8:
+        seen.append(current)
+        if isinstance(current, (sa_exc.OperationalError, sa_exc.InterfaceError, OSError)):
+            return True
+        if isinstance(current, sa_exc.TimeoutError):  # no pooled connection came free
+            return True
+        sqlstate = getattr(current, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate[:2] in UNAVAILABLE_SQLSTATE_CLASSES:
+            return True
+        if _is_asyncpg_client_error(current):
+            return True
+        current = getattr(current, "orig", None) or current.__cause__
+    return False
+
+
+def _is_asyncpg_client_error(exc: BaseException) -> bool:
+    """asyncpg's own connection errors ("connection is closed", "another operation is in
+    progress" on a connection being torn down), not bad data (DataError is a ValueError)."""
+    return (
+        type(exc).__module__.startswith("asyncpg")
+        and getattr(exc, "sqlstate", None) is None
+        and not isinstance(exc, ValueError)
+    )
 
 
 def _is_driver_error(exc: BaseException) -> bool:
@@ -110,6 +164,11 @@ class Database:
         self._closed = False
         self._coalesced: dict[str, list[tuple[Any, asyncio.Future[Any]]]] = {}
         self._group_tasks: set[asyncio.Task[None]] = set()
+        # Pooled (PostgreSQL) operations under way: close() lets them end before disposing
+        # of the pool, or a connection handed back afterwards would never be closed.
+        self._in_use = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @property
     def dialect(self) -> str:
@@ -133,6 +192,8 @@ class Database:
             _, future = self._queue.get_nowait()
             if not future.done():
                 future.set_exception(errors.StorageUnavailable("database is closing"))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), CLOSE_GRACE_S)
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 await self._conn.close()
@@ -142,6 +203,8 @@ class Database:
         """Bring the schema to the newest migration."""
         try:
             async with self.engine.begin() as conn:
+                if self.dialect == "postgresql":  # a migration may rewrite a big table
+                    await conn.execute(sa.text("SET LOCAL statement_timeout = 0"))
                 await conn.run_sync(_upgrade)
         except Exception as exc:
             if _is_driver_error(exc):
@@ -212,8 +275,10 @@ class Database:
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
+        if self._closed:
+            raise errors.StorageUnavailable("database is closed")
         try:
-            async with self.engine.connect() as conn:
+            async with self._using(), self.engine.connect() as conn:
                 yield conn
         except Exception as exc:
             if _is_driver_error(exc):
@@ -222,12 +287,23 @@ class Database:
 
     async def _write_alone(self, op: WriteOp[T]) -> T:
         try:
-            async with self.engine.begin() as conn:
+            async with self._using(), self.engine.begin() as conn:
                 return await op(conn)
         except Exception as exc:
             if _is_driver_error(exc):
                 raise translate(exc) from exc
             raise
+
+    @contextlib.asynccontextmanager
+    async def _using(self) -> AsyncIterator[None]:
+        self._in_use += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_use -= 1
+            if self._in_use == 0:
+                self._idle.set()
 
     async def _writer_conn(self) -> AsyncConnection:
         if self._conn is None or self._conn.closed or self._conn.invalidated:
@@ -312,12 +388,25 @@ async def _probe(conn: AsyncConnection) -> None:
 
 def _make_engine(settings: DatabaseSettings) -> AsyncEngine:
     if not settings.is_sqlite:
+        # pool_pre_ping: a connection the server dropped (restart, failover) is replaced
+        # when it is next checked out, instead of failing the request that drew it.
         return create_async_engine(
-            settings.async_url, pool_size=settings.pool_size, pool_pre_ping=True
+            settings.async_url,
+            pool_size=settings.pool_size,
+            pool_timeout=settings.connect_timeout_s,
+            pool_pre_ping=True,
+            connect_args=_asyncpg_connect_args(settings),
         )
     engine = create_async_engine(settings.async_url)
     _configure_sqlite(engine, settings)
     return engine
+
+
+def _asyncpg_connect_args(settings: DatabaseSettings) -> dict[str, Any]:
+    return {
+        "timeout": settings.connect_timeout_s,
+        "server_settings": {"statement_timeout": str(settings.statement_timeout_ms)},
+    }
 
 
 def _configure_sqlite(engine: AsyncEngine, settings: DatabaseSettings) -> None:

@@ -18,7 +18,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relay_server import crypto, ids, models, retry
-from relay_server.store import tables
+from relay_server.store import replicas, tables
 
 D = tables.deliveries
 E = tables.events
@@ -126,6 +126,7 @@ async def insert_events(conn: AsyncConnection, events: Sequence[NewEvent]) -> li
     ]
     if deliveries:
         await conn.execute(D.insert(), deliveries)
+        await replicas.publish(conn, {str(row["output_id"]) for row in deliveries})
     return results
 
 
@@ -552,7 +553,13 @@ async def expired_leases(conn: AsyncConnection, limit: int) -> list[str]:
 
 
 async def reap(conn: AsyncConnection, *, limit: int, base_policy: retry.RetryPolicy) -> list[str]:
-    """Count every lease past its deadline as a failed attempt; returns their lease ids."""
+    """Count every lease past its deadline as a failed attempt; returns their lease ids.
+
+    With several replicas, one reaps at a time (the others skip this round): each expiry
+    is fenced anyway, this only spares them lock waits and deadlocks on the same rows.
+    """
+    if not await replicas.exclusive(conn, "reap"):
+        return []
     lease_ids = await expired_leases(conn, limit)
     settlements = [
         models.Settlement(

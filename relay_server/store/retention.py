@@ -5,6 +5,9 @@ Each call deletes at most `limit` rows in one short write transaction, so the cl
 interleaves with ingest instead of holding the writer. An event with a PENDING or LEASED
 delivery is never deleted, however old: downtime is a delay, not a loss. An event with a
 DEAD delivery stays until that delivery leaves the DLQ (the bucket's DLQ retention).
+
+Every replica runs the cleaner: each batch first takes the "retention" advisory lock
+(store/replicas.py) and is skipped when another replica holds it, so batches never race.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relay_server import models
-from relay_server.store import tables
+from relay_server.store import replicas, tables
 
 B, E, D, OUT, K, N = (
     tables.buckets,
@@ -42,6 +45,8 @@ async def expired_nonces(conn: AsyncConnection, *, now: int, limit: int) -> int:
 
 async def _expired(conn: AsyncConnection, table: sa.Table, now: int, limit: int) -> int:
     """Delete up to `limit` rows of `table` whose `expires_at` has passed."""
+    if not await replicas.exclusive(conn, "retention"):
+        return 0
     key = list(table.primary_key.columns)
     doomed = sa.select(*key).where(table.c.expires_at <= now).limit(limit)
     rows = (await conn.execute(doomed)).all()
@@ -52,6 +57,8 @@ async def _expired(conn: AsyncConnection, table: sa.Table, now: int, limit: int)
 
 async def old_dead_letters(conn: AsyncConnection, *, now: int, limit: int) -> int:
     """DEAD deliveries past their bucket's DLQ retention (with their attempts)."""
+    if not await replicas.exclusive(conn, "retention"):
+        return 0
     doomed = (
         sa.select(D.c.id)
         .join(OUT, OUT.c.id == D.c.output_id)
@@ -67,6 +74,8 @@ async def old_dead_letters(conn: AsyncConnection, *, now: int, limit: int) -> in
 
 async def old_events(conn: AsyncConnection, bucket_id: str, cutoff: int, limit: int) -> int:
     """Events of one bucket received before `cutoff` with nothing left to deliver or inspect."""
+    if not await replicas.exclusive(conn, "retention"):
+        return 0
     unsettled = sa.exists().where(D.c.event_id == E.c.id, D.c.state.in_(KEEP_EVENT))
     doomed = (
         sa.select(E.c.id)

@@ -60,16 +60,21 @@ class Relay:
     token: str = ""
     starts: int = 0
     http_ssl: ssl.SSLContext | None = None  # set when the server serves HTTPS: trusts its CA
+    postgres_url: str = ""  # a PostgreSQL database (tests/pg.py) instead of <home>/var's SQLite
 
     @property
     def db_path(self) -> pathlib.Path:
         return self.home / "var" / "stowhook.db"
 
     @property
+    def database_url(self) -> str:
+        return self.postgres_url or f"sqlite:///{self.db_path}"
+
+    @property
     def base_args(self) -> list[str]:
         return [
             "--database-url",
-            f"sqlite:///{self.db_path}",
+            self.database_url,
             "--key-file",
             str(self.home / "var" / "stowhook.key"),
             "--public-url",
@@ -80,7 +85,7 @@ class Relay:
         """<home>/relay.toml: this installation's database, key and ports, and `serve` keys."""
         config = self.home / "relay.toml"
         lines = [
-            f'database_url = "sqlite:///{self.db_path}"',
+            f'database_url = "{self.database_url}"',
             f'key_file = "{self.home / "var" / "stowhook.key"}"',
             "[serve]",
             f'http_listen = "127.0.0.1:{self.http_port}"',

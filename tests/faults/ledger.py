@@ -42,6 +42,7 @@ class Sent:
     started: float
     status: int | None = None  # None: no answer (connection refused, reset, timeout)
     answered: float | None = None
+    retry_after: str | None = None  # the answer's Retry-After header, if any
 
 
 @dataclass
@@ -148,6 +149,7 @@ class Ledger:
             ) as resp:
                 await resp.read()
                 record.status = resp.status
+                record.retry_after = resp.headers.get("Retry-After")
         except (TimeoutError, aiohttp.ClientError, OSError):
             record.status = None
         record.answered = time.monotonic()

@@ -3,15 +3,63 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pathlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import pytest
 
 from relay_server import auth, crypto, models, retry, server, settings
 from relay_server.store import database, sql
+from tests import pg
 
 FAST = retry.RetryPolicy(initial_ms=100, cap_ms=500, max_attempts=5)
+ENGINES = ("sqlite", "postgres")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "sqlite_only(reason): the test inspects the SQLite file itself"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that asks for `engine` (through database_url, store, installed,
+    running_server) runs once per engine: the storage contract holds on both."""
+    chosen = any(  # @pytest.mark.parametrize("engine", [...]) picks its own
+        "engine" in str(mark.args[0]) for mark in metafunc.definition.iter_markers("parametrize")
+    )
+    if "engine" in metafunc.fixturenames and not chosen:
+        only_sqlite = metafunc.definition.get_closest_marker("sqlite_only") is not None
+        metafunc.parametrize("engine", ENGINES[:1] if only_sqlite else ENGINES)
+
+
+@pytest.fixture(scope="session")
+def pg_supply() -> Iterator[pg.DatabaseSupply]:
+    """Clones of one PostgreSQL database migrated once per session (cloning is fast)."""
+    pg.require_pg()
+    template = pg.run_sync(pg.migrated_template())
+    supply = pg.DatabaseSupply("stowhook_it", template)
+    try:
+        yield supply
+    finally:
+        supply.close()
+        pg.run_sync(pg.drop_database(template))
+
+
+@pytest.fixture
+def database_url(
+    engine: str, tmp_path: pathlib.Path, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    """sqlite: tmp_path/relay.db; postgres: a fresh migrated database, dropped afterwards."""
+    if engine == "sqlite":
+        yield f"sqlite:///{tmp_path / 'relay.db'}"
+        return
+    supply: pg.DatabaseSupply = request.getfixturevalue("pg_supply")
+    url = supply.take()
+    try:
+        yield url
+    finally:
+        supply.give_back(url)
 
 
 @dataclass
@@ -52,15 +100,9 @@ def keyring() -> crypto.KeyRing:
 
 
 @contextlib.asynccontextmanager
-async def opened_store(
-    tmp_path: pathlib.Path, keyring: crypto.KeyRing
-) -> AsyncIterator[sql.SqlStore]:
-    """A migrated, open store on tmp_path/relay.db with fast test retries."""
-    opened = sql.SqlStore(
-        database.DatabaseSettings(url=f"sqlite:///{tmp_path / 'relay.db'}"),
-        keyring,
-        retry_base=FAST,
-    )
+async def opened_store(url: str, keyring: crypto.KeyRing) -> AsyncIterator[sql.SqlStore]:
+    """A migrated, open store on `url` (see database_url) with fast test retries."""
+    opened = sql.SqlStore(database.DatabaseSettings(url=url), keyring, retry_base=FAST)
     await opened.migrate()
     await opened.open()
     try:
@@ -70,8 +112,8 @@ async def opened_store(
 
 
 @pytest.fixture
-async def store(tmp_path: pathlib.Path, keyring: crypto.KeyRing) -> AsyncIterator[sql.SqlStore]:
-    async with opened_store(tmp_path, keyring) as opened:
+async def store(database_url: str, keyring: crypto.KeyRing) -> AsyncIterator[sql.SqlStore]:
+    async with opened_store(database_url, keyring) as opened:
         yield opened
 
 
@@ -91,10 +133,12 @@ class Running:
 
 
 @pytest.fixture
-async def running_server(tmp_path: pathlib.Path, keyring: crypto.KeyRing) -> AsyncIterator[Running]:
+async def running_server(
+    database_url: str, tmp_path: pathlib.Path, keyring: crypto.KeyRing
+) -> AsyncIterator[Running]:
     """A RelayServer in this event loop on free loopback ports, 1 s leases."""
     config = settings.ServerSettings(
-        database=database.DatabaseSettings(url=f"sqlite:///{tmp_path / 'relay.db'}"),
+        database=database.DatabaseSettings(url=database_url),
         key_file=tmp_path / "unused.key",
         ingress=settings.IngressSettings(listen="127.0.0.1:0"),
         grpc=settings.GrpcSettings(listen="127.0.0.1:0"),

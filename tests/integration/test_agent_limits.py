@@ -21,9 +21,11 @@ MAX_FRAME_BYTES = 64 * 1024
 
 
 @pytest.fixture
-async def limited(tmp_path: pathlib.Path, keyring: crypto.KeyRing) -> AsyncIterator[Running]:
+async def limited(
+    database_url: str, tmp_path: pathlib.Path, keyring: crypto.KeyRing
+) -> AsyncIterator[Running]:
     config = settings.ServerSettings(
-        database=database.DatabaseSettings(url=f"sqlite:///{tmp_path / 'relay.db'}"),
+        database=database.DatabaseSettings(url=database_url),
         key_file=tmp_path / "unused.key",
         ingress=settings.IngressSettings(listen="127.0.0.1:0"),
         grpc=settings.GrpcSettings(

@@ -86,15 +86,11 @@ async def test_a_retried_delivery_keeps_its_payload_until_it_dies(
 
 
 async def test_after_a_restart_the_lost_payload_dead_letters_with_a_clear_error(
-    tmp_path: pathlib.Path, keyring: crypto.KeyRing, installed: Installation
+    database_url: str, keyring: crypto.KeyRing, installed: Installation
 ) -> None:
     event, _ = canary_event(installed, await ephemeral_route(installed))
     await installed.store.ingest(event)
-    restarted = sql.SqlStore(
-        database.DatabaseSettings(url=f"sqlite:///{tmp_path / 'relay.db'}"),
-        keyring,
-        retry_base=FAST,
-    )
+    restarted = sql.SqlStore(database.DatabaseSettings(url=database_url), keyring, retry_base=FAST)
     await restarted.open()
     try:
         assert await lease(restarted, installed) == [], "never handed out empty"

@@ -55,6 +55,7 @@ async def test_readyz_is_200_when_the_database_takes_writes(running_server: Runn
     assert await get(port, "/healthz") == (200, {"status": "ok"})
 
 
+@pytest.mark.sqlite_only("holds SQLite's file lock from another connection")
 async def test_readyz_is_503_while_another_process_holds_the_write_lock(
     running_server: Running,
 ) -> None:

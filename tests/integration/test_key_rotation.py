@@ -1,4 +1,4 @@
-"""Key rotation on a real SQLite file: re-encryption, counts per key, removal, reloads."""
+"""Key rotation on a real database: re-encryption, counts per key, removal, reloads."""
 
 from __future__ import annotations
 
@@ -26,10 +26,8 @@ def key_file(tmp_path: pathlib.Path) -> pathlib.Path:
 
 
 @pytest.fixture
-async def keyed_store(
-    tmp_path: pathlib.Path, key_file: pathlib.Path
-) -> AsyncIterator[sql.SqlStore]:
-    async with opened_store(tmp_path, crypto.load_key_file(key_file)) as opened:
+async def keyed_store(database_url: str, key_file: pathlib.Path) -> AsyncIterator[sql.SqlStore]:
+    async with opened_store(database_url, crypto.load_key_file(key_file)) as opened:
         yield opened
 
 

@@ -1,33 +1,60 @@
-"""Migrations: they build exactly the declared schema, and upgrades keep existing rows."""
+"""Migrations: they build exactly the declared schema, and upgrades keep existing rows.
+
+Both engines: an empty SQLite file and an empty PostgreSQL database (not the migrated
+template the other integration tests clone).
+"""
 
 from __future__ import annotations
 
 import pathlib
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
+import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from relay_server import crypto, models
 from relay_server.store import database, sql, tables
+from tests import pg
 
 
-def test_the_migrations_build_exactly_the_declared_schema(tmp_path: pathlib.Path) -> None:
-    engine = sa.create_engine(f"sqlite:///{tmp_path / 'relay.db'}")
-    with engine.begin() as conn:
+@pytest.fixture
+async def empty_url(engine: str, tmp_path: pathlib.Path) -> AsyncIterator[str]:
+    if engine == "sqlite":
+        yield f"sqlite:///{tmp_path / 'relay.db'}"
+        return
+    async with pg.fresh_database("stowhook_migrations") as url:
+        yield url
+
+
+T = TypeVar("T")
+
+
+async def run_sync_on(url: str, fn: Callable[[sa.Connection], T]) -> T:
+    """Run `fn(sync_connection)` in one transaction on `url` (any engine)."""
+    engine = create_async_engine(database.DatabaseSettings(url=url).async_url)
+    try:
+        async with engine.begin() as conn:
+            return await conn.run_sync(fn)
+    finally:
+        await engine.dispose()
+
+
+async def test_the_migrations_build_exactly_the_declared_schema(empty_url: str) -> None:
+    def upgrade_and_compare(conn: sa.Connection) -> list[object]:
         command.upgrade(database.migration_config(conn), "head")
-        drift = compare_metadata(MigrationContext.configure(conn), tables.metadata)
-    engine.dispose()
+        return list(compare_metadata(MigrationContext.configure(conn), tables.metadata))
+
+    drift = await run_sync_on(empty_url, upgrade_and_compare)
     assert drift == [], "tables.py and the migrations disagree: add a migration"
 
 
-async def test_an_upgrade_gives_existing_buckets_the_default_policy(
-    tmp_path: pathlib.Path,
-) -> None:
-    path = tmp_path / "relay.db"
-    engine = sa.create_engine(f"sqlite:///{path}")
-    with engine.begin() as conn:
+async def test_an_upgrade_gives_existing_buckets_the_default_policy(empty_url: str) -> None:
+    def upgrade_to_0001_with_rows(conn: sa.Connection) -> None:
         command.upgrade(database.migration_config(conn), "0001")
         conn.execute(sa.text("INSERT INTO accounts VALUES ('a1', 'default', 1)"))
         conn.execute(
@@ -35,9 +62,10 @@ async def test_an_upgrade_gives_existing_buckets_the_default_policy(
         )
         conn.execute(sa.text("INSERT INTO outputs VALUES ('o1', 'b1', 'default', 'agent', 1)"))
         conn.execute(sa.text("INSERT INTO inputs VALUES ('i1', 'b1', 'main', NULL, 1)"))
-    engine.dispose()
+
+    await run_sync_on(empty_url, upgrade_to_0001_with_rows)
     store = sql.SqlStore(
-        database.DatabaseSettings(url=f"sqlite:///{path}"),
+        database.DatabaseSettings(url=empty_url),
         crypto.parse_key_file(crypto.generate_key_line()),
     )
     await store.migrate()

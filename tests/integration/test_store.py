@@ -214,7 +214,7 @@ async def test_the_dlq_filters_by_bucket_input_age_and_error_and_replays_only_ma
 
 
 async def test_status_counts_the_account_and_measures_the_sqlite_files(
-    installed: Installation,
+    installed: Installation, engine: str
 ) -> None:
     store = installed.store
     await _kill(store, installed.route, "bad")
@@ -224,6 +224,10 @@ async def test_status_counts_the_account_and_measures_the_sqlite_files(
     assert found.schema_revision
     assert found.oldest_pending_ms is not None
     assert found.oldest_pending_ms <= models.now_ms()
+    if engine == "postgres":
+        assert found.database_url.startswith("postgresql+asyncpg://postgres@127.0.0.1")
+        assert found.database_files == {}, "PostgreSQL's files are the server's business"
+        return
     assert found.database_url.startswith("sqlite:///")
     main = [path for path in found.database_files if path.endswith(".db")]
     assert len(main) == 1 and found.database_files[main[0]] > 0

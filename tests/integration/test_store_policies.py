@@ -1,4 +1,4 @@
-"""Bucket policies on a real SQLite file: dedup, retention, ordered and added outputs."""
+"""Bucket policies on a real database: dedup, retention, ordered and added outputs."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import aiohttp
 import pytest
 import sqlalchemy as sa
 
-from relay_server import errors, models
+from relay_server import crypto, errors, models
 from relay_server.ingress.app import DUPLICATE_HEADER
 from relay_server.store import sql, tables
-from tests.integration.conftest import Installation, Running
+from tests.integration.conftest import Installation, Running, opened_store
 from tests.integration.test_store import incoming, lease, settle
 
 
@@ -50,6 +50,21 @@ async def test_concurrent_duplicates_make_one_event_and_name_it(installed: Insta
         "the other 19 are answered with the stored event's id"
     )
     assert len(await lease(store, installed)) == 1
+
+
+async def test_duplicates_racing_from_two_servers_make_one_event(
+    installed: Installation, database_url: str, keyring: crypto.KeyRing
+) -> None:
+    """Two stores on one database, as two replicas are: each copy is its own transaction
+    (one store would group concurrent copies into one), and the database decides."""
+    route = installed.route
+    async with opened_store(database_url, keyring) as other:
+        for n in range(10):
+            key = ("X-Provider-Event-Id", f"evt_{n}")
+            first, second = (with_headers(installed, route, key) for _ in range(2))
+            answers = await asyncio.gather(installed.store.ingest(first), other.ingest(second))
+            assert answers in ([None, first.id], [second.id, None]), f"round {n}: {answers}"
+    assert len(await stored_event_ids(installed.store)) == 10
 
 
 async def test_dedup_header_names_are_case_insensitive_and_values_exact(

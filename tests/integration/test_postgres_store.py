@@ -1,0 +1,63 @@
+"""What only PostgreSQL has: a server that goes away and comes back, and its URL forms.
+
+The rest of the storage contract runs on both engines (the `engine` parameter, see
+conftest.py); these tests need a PostgreSQL server to cut off.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from relay_server import crypto, errors
+from relay_server.store import database
+from tests import pg
+from tests.integration.conftest import install, opened_store
+from tests.integration.test_store import incoming
+
+pytestmark = pytest.mark.skipif(not pg.pg_available(), reason=pg.SKIP_REASON)
+
+
+async def cut_off(url: str, *, allowed: bool) -> None:
+    """Refuse (or allow again) new connections to the database and end the open ones,
+    as a restart or a failover does from the relay's side."""
+    name = pg.database_name(url)
+    await pg.admin_execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allowed).lower()}')
+    if not allowed:
+        await pg.admin_execute(
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+        )
+
+
+@pytest.mark.parametrize("engine", ["postgres"])
+async def test_an_unreachable_database_is_storage_unavailable_until_it_is_back(
+    database_url: str, keyring: crypto.KeyRing
+) -> None:
+    async with opened_store(database_url, keyring) as store:
+        installation = await install(store)
+        assert await store.ingest(incoming(installation)) is None
+        await cut_off(database_url, allowed=False)
+        try:
+            with pytest.raises(errors.StorageUnavailable):  # ingress answers 503 on this
+                await store.ingest(incoming(installation))
+            with pytest.raises(errors.StorageUnavailable):
+                await store.status(installation.account.id)
+            with pytest.raises(errors.StorageUnavailable):  # /readyz
+                await store.db.probe_write()
+        finally:
+            await cut_off(database_url, allowed=True)
+        assert await store.ingest(incoming(installation)) is None, "back without a restart"
+        found = await store.status(installation.account.id)
+    assert found.deliveries["pending"] == 2, "the refused one is not stored"
+
+
+@pytest.mark.parametrize("engine", ["postgres"])
+@pytest.mark.parametrize("scheme", ["postgresql", "postgresql+asyncpg", "postgresql+psycopg"])
+async def test_every_postgresql_url_form_reaches_the_same_database(
+    database_url: str, keyring: crypto.KeyRing, scheme: str
+) -> None:
+    url = pg.url_for(pg.database_name(database_url), scheme)
+    assert database.DatabaseSettings(url=url).async_url.startswith("postgresql+asyncpg://")
+    async with opened_store(url, keyring) as store:
+        account = await store.create_account("by-url")
+    async with opened_store(database_url, keyring) as store:
+        assert account in await store.list_accounts()
