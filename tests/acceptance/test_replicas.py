@@ -163,10 +163,22 @@ def double_leases(attempts: dict[str, list[asyncpg.Record]]) -> list[str]:
     return found
 
 
-async def event_deliveries(cluster: Cluster) -> dict[str, tuple[str, str]]:
-    """Event id -> (delivery id, state)."""
-    rows = await cluster.query("SELECT id, event_id, state FROM deliveries")
-    return {row["event_id"]: (row["id"], row["state"]) for row in rows}
+async def event_deliveries(
+    cluster: Cluster, settle_timeout: float = 30
+) -> dict[str, tuple[str, str]]:
+    """Event id -> (delivery id, state), once none is pending or leased any more.
+
+    The sink can have every event before the last ACKs commit (or while an expired lease
+    is being delivered again), so the states are read when they stop moving.
+    """
+    deadline = time.monotonic() + settle_timeout
+    while True:
+        rows = await cluster.query("SELECT id, event_id, state FROM deliveries")
+        found = {row["event_id"]: (row["id"], row["state"]) for row in rows}
+        moving = any(state in ("pending", "leased") for _, state in found.values())
+        if not moving or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.2)
 
 
 def unexplained_duplicates(
@@ -206,8 +218,8 @@ async def test_three_replicas_share_the_work_without_double_leases(
     assert report.answered_2xx == 3000, report.text()
     report.assert_sound()
 
-    attempts = await attempts_by_delivery(c)
     deliveries = await event_deliveries(c)
+    attempts = await attempts_by_delivery(c)
     assert len(deliveries) == 3000
     assert {state for _, state in deliveries.values()} == {"delivered"}
     assert double_leases(attempts) == []
@@ -260,8 +272,8 @@ async def test_agents_of_a_killed_replica_move_to_another(
         and harness.logged_at(event) >= killed_at[0]
     ]
     assert moved, "agent-a never dialled another replica after its own was killed"
-    attempts = await attempts_by_delivery(c)
     deliveries = await event_deliveries(c)
+    attempts = await attempts_by_delivery(c)
     late_acks_by_a = [
         row
         for history in attempts.values()
