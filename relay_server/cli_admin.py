@@ -49,6 +49,16 @@ def actor() -> str:
         return "cli"
 
 
+async def owned_bucket(store: sql.SqlStore, account_name: str, name: str) -> models.Bucket:
+    """The account's bucket `name`; NotFound otherwise."""
+    return await store.get_bucket((await store.get_account(account_name)).id, name)
+
+
+async def owned_input(store: sql.SqlStore, account_name: str, input_id: str) -> models.Input:
+    """Input `input_id` if it belongs to the account; NotFound otherwise."""
+    return await store.get_input((await store.get_account(account_name)).id, input_id)
+
+
 async def audited(
     store: sql.SqlStore,
     action: str,

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from relay_server import cli, console, models
-from relay_server.cli_admin import admin, audited
+from relay_server.cli_admin import admin, audited, owned_bucket
 from relay_server.ingress import answers, signatures
 from relay_server.store import sql
 
@@ -185,7 +185,7 @@ def bucket_update(state: cli.CliState, /, name: str, **options: Any) -> None:
     flags = _policy_options(options)
 
     async def action(store: sql.SqlStore) -> models.Bucket:
-        found = await store.get_bucket((await store.get_account(account_name)).id, name)
+        found = await owned_bucket(store, account_name, name)
         updated = await store.update_bucket(found, apply_policy(found.policy, flags))
         await audited(store, "bucket.update", f"bucket:{name}", _changes(found, updated))
         return updated
@@ -309,7 +309,7 @@ def bucket_delete(
     state: cli.CliState, name: str, force: bool, account_name: str, as_json: bool
 ) -> None:
     async def action(store: sql.SqlStore) -> None:
-        found = await store.get_bucket((await store.get_account(account_name)).id, name)
+        found = await owned_bucket(store, account_name, name)
         await store.delete_bucket(found, force=force)
         await audited(store, "bucket.delete", f"bucket:{name}", "force" if force else None)
 
@@ -335,10 +335,6 @@ def in_bucket(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-async def _bucket_of(store: sql.SqlStore, account_name: str, bucket_name: str) -> models.Bucket:
-    return await store.get_bucket((await store.get_account(account_name)).id, bucket_name)
-
-
 def _output_rows(found: list[models.Output]) -> list[tuple[str, ...]]:
     return [
         (o.name, str(o.kind), "yes" if o.ordered else "no", console.format_time(o.created_at))
@@ -354,7 +350,7 @@ OUTPUT_COLUMNS = ["NAME", "KIND", "ORDERED", "CREATED"]
 @click.pass_obj
 def output_list(state: cli.CliState, bucket_name: str, account_name: str, as_json: bool) -> None:
     async def action(store: sql.SqlStore) -> list[models.Output]:
-        return await store.list_outputs(await _bucket_of(store, account_name, bucket_name))
+        return await store.list_outputs(await owned_bucket(store, account_name, bucket_name))
 
     found = cli.run_with_store(state, action)
     if as_json:
@@ -385,7 +381,7 @@ def output_create(
     """Add an output; it gets events that arrive from now on (replay reaches older ones)."""
 
     async def action(store: sql.SqlStore) -> models.Output:
-        found = await _bucket_of(store, account_name, bucket_name)
+        found = await owned_bucket(store, account_name, bucket_name)
         created = await store.create_output(found, name, ordered=ordered)
         await audited(store, "output.create", f"output:{bucket_name}/{name}")
         return created
@@ -411,7 +407,7 @@ def output_update(
     as_json: bool,
 ) -> None:
     async def action(store: sql.SqlStore) -> models.Output:
-        found = await _bucket_of(store, account_name, bucket_name)
+        found = await owned_bucket(store, account_name, bucket_name)
         updated = await store.set_output_ordered(found, name, ordered=ordered)
         await audited(store, "output.update", f"output:{bucket_name}/{name}", f"ordered={ordered}")
         return updated
@@ -437,7 +433,7 @@ def output_delete(
     as_json: bool,
 ) -> None:
     async def action(store: sql.SqlStore) -> None:
-        found = await _bucket_of(store, account_name, bucket_name)
+        found = await owned_bucket(store, account_name, bucket_name)
         await store.delete_output(found, name, force=force)
         await audited(
             store, "output.delete", f"output:{bucket_name}/{name}", "force" if force else None

@@ -45,8 +45,7 @@ def input_limit(
     chosen = rate_limit(rate, burst, off)
 
     async def action(store: sql.SqlStore) -> None:
-        acct = await store.get_account(account_name)
-        await store.get_input(acct.id, input_id)  # NotFound outside the account
+        await cli_admin.owned_input(store, account_name, input_id)
         await store.set_rate_limit(input_id, chosen)
         await cli_admin.audited(store, "input.limit", f"input:{input_id}", describe(chosen))
 

@@ -79,8 +79,7 @@ def input_respond(
     )
 
     async def action(store: sql.SqlStore) -> None:
-        acct = await store.get_account(account_name)
-        await store.get_input(acct.id, input_id)  # NotFound outside the account
+        await cli_admin.owned_input(store, account_name, input_id)
         await store.set_response(input_id, chosen)
         await cli_admin.audited(store, "input.respond", f"input:{input_id}", audit_detail(chosen))
 

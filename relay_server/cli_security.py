@@ -91,7 +91,7 @@ def bucket_auth(
     chosen = input_auth(username, password_file, token_file, off)
 
     async def action(store: sql.SqlStore) -> None:
-        found = await store.get_bucket((await store.get_account(account_name)).id, name)
+        found = await cli_admin.owned_bucket(store, account_name, name)
         await store.set_input_auth(found, chosen)
         await cli_admin.audited(
             store, "bucket.auth", f"bucket:{name}", models.describe_auth(chosen)
@@ -186,7 +186,7 @@ def input_verify(
     described = signatures.describe(chosen)
 
     async def action(store: sql.SqlStore) -> None:
-        await store.get_input((await store.get_account(account_name)).id, input_id)
+        await cli_admin.owned_input(store, account_name, input_id)
         await store.set_verification(input_id, chosen)
         await cli_admin.audited(store, "input.verify", f"input:{input_id}", described)
 
