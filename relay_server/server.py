@@ -22,7 +22,6 @@ from grpc_reflection.v1alpha import reflection
 from relay_proto import relay_pb2, relay_pb2_grpc
 from relay_server import auth, crypto, keys, reaper, settings, throttle, tls
 from relay_server.dispatch import hub as hub_mod
-from relay_server.dispatch import pg_notify
 from relay_server.dispatch import servicer as servicer_mod
 from relay_server.ingress import app as ingress_app
 from relay_server.ingress import connections, waiting
@@ -83,6 +82,9 @@ class RelayServer:
             self.key_reloader,
         ]
         if self.config.dispatch.listen and self.store.db.dialect == "postgresql":
+            # Imported here: it needs asyncpg, which a SQLite install (server extra) lacks.
+            from relay_server.dispatch import pg_notify
+
             housekeeping.append(pg_notify.Listener(self.store, self.hub))  # other replicas
         servicer = servicer_mod.AgentRelayServicer(
             store=self.store,

@@ -31,3 +31,14 @@ def test_the_agent_imports_without_server_packages() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_server_imports_without_the_postgres_extra() -> None:
+    """`pip install stowhook[server]` (SQLite, what quickstart installs) has no asyncpg."""
+    code = (
+        "import sys\nsys.modules['asyncpg'] = None\nimport relay_server.cli, relay_server.server\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
