@@ -285,6 +285,8 @@ class IncomingEvent:
     received_at: dt.datetime
     source: str
     nonce: Nonce | None = None  # from a verified timestamped signature (ingress.signatures)
+    # Wait mode: until when (ms) its caller is held for the destination's answer.
+    caller_waits_until: int | None = None
 
     def log_context(self) -> dict[str, object]:
         return {"event_id": self.id, "input_id": self.route.input.id, "size": len(self.body)}
@@ -356,6 +358,8 @@ class Lease:
     body: bytes
     received_at: dt.datetime
     replay: bool
+    # Wait mode: until when (ms) the event's caller is held, on whichever replica took it.
+    caller_waits_until: int | None = None
 
     def log_context(self) -> dict[str, object]:
         return {"event_id": self.event_id, "lease_id": self.lease_id, "attempt": self.attempt}

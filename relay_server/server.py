@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -23,6 +24,7 @@ from relay_proto import relay_pb2, relay_pb2_grpc
 from relay_server import auth, crypto, keys, reaper, settings, throttle, tls
 from relay_server.dispatch import hub as hub_mod
 from relay_server.dispatch import servicer as servicer_mod
+from relay_server.dispatch import wait_relay
 from relay_server.ingress import app as ingress_app
 from relay_server.ingress import connections, waiting
 from relay_server.store import ephemeral, sql
@@ -70,6 +72,7 @@ class RelayServer:
         try:
             await self._serve(on_ready)
         finally:
+            gc.unfreeze()  # see _serve: what start-up built is collectable again
             await self.store.close()
             log.info("server_stopped")
 
@@ -86,6 +89,9 @@ class RelayServer:
             from relay_server.dispatch import pg_notify
 
             housekeeping.append(pg_notify.Listener(self.store, self.hub))  # other replicas
+        if self.store.db.dialect == "postgresql":  # callers held here, agents elsewhere
+            self.hub.replies = wait_relay.ReplyRelay(self.store, self.hub.waiting)
+            housekeeping.append(self.hub.replies)
         servicer = servicer_mod.AgentRelayServicer(
             store=self.store,
             hub=self.hub,
@@ -117,6 +123,10 @@ class RelayServer:
             _run_all([job.run() for job in housekeeping]), name="housekeeping"
         )
         log.info("server_started", http_port=self.http_port, grpc_port=self.grpc_port)
+        # Everything start-up built (modules, SQLAlchemy's tables and compiled statements,
+        # the apps) lives as long as the server: keep it out of the collector's full
+        # scans, which otherwise took ~75 ms each, about once a second under load.
+        gc.freeze()
         if on_ready is not None:
             on_ready(self)
         try:

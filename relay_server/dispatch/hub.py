@@ -6,39 +6,90 @@ anyway. On PostgreSQL, other replicas' ingests reach the hub through
 relay_server.dispatch.pg_notify.
 
 The hub also carries the callers waiting for their destination's answer (`waiting`):
-the other meeting point of ingress and sessions in this process.
+the other meeting point of ingress and sessions in this process; with replicas, `replies`
+relays answers for callers another replica holds.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from relay_server.ingress import waiting as waiting_mod
+
+if TYPE_CHECKING:
+    from relay_server.dispatch import wait_relay
 
 
 class Hub:
     def __init__(self, waiting: waiting_mod.Waiting | None = None) -> None:
-        self._waiters: dict[str, set[asyncio.Event]] = {}
+        # Output id -> its sessions' wake-up events, each with "has it credit left?", in
+        # the order they will be woken (round robin: a woken session moves to the end).
+        self._waiters: dict[str, dict[asyncio.Event, Callable[[], bool]]] = {}
         self.waiting = waiting if waiting is not None else waiting_mod.Waiting()
+        # Replicas on PostgreSQL: answers for callers held by another replica (or None).
+        self.replies: wait_relay.ReplyRelay | None = None
+        # Output sets a poll just found idle, and when (monotonic): with many sessions on
+        # the same buckets, one look per half poll interval answers for all of them.
+        self._idle_since: dict[tuple[str, ...], float] = {}
 
-    def register(self, output_ids: Iterable[str], wake: asyncio.Event) -> None:
+    def recently_idle(self, output_ids: Sequence[str], within_s: float) -> bool:
+        """Did a poll of these outputs find nothing to lease in the last `within_s`?"""
+        since = self._idle_since.get(tuple(sorted(output_ids)))
+        return since is not None and time.monotonic() - since < within_s
+
+    def found_idle(self, output_ids: Sequence[str]) -> None:
+        key = tuple(sorted(output_ids))
+        if len(self._idle_since) > 10_000:  # bounded: forget stale marks wholesale
+            self._idle_since.clear()
+        self._idle_since[key] = time.monotonic()
+
+    def register(
+        self,
+        output_ids: Iterable[str],
+        wake: asyncio.Event,
+        ready: Callable[[], bool] = lambda: True,
+    ) -> None:
         for output_id in output_ids:
-            self._waiters.setdefault(output_id, set()).add(wake)
+            self._waiters.setdefault(output_id, {})[wake] = ready
 
     def unregister(self, output_ids: Iterable[str], wake: asyncio.Event) -> None:
         for output_id in output_ids:
-            waiting = self._waiters.get(output_id)
-            if waiting is not None:
-                waiting.discard(wake)
-                if not waiting:
+            sessions = self._waiters.get(output_id)
+            if sessions is not None:
+                sessions.pop(wake, None)
+                if not sessions:
                     del self._waiters[output_id]
 
-    def notify(self, output_ids: Iterable[str]) -> None:
+    def notify(self, output_ids: Iterable[str], *, every: bool = False) -> None:
+        """One new event for each of these outputs: wake one of its sessions.
+
+        The next session in turn that has credit and is not already woken, so a burst is
+        spread over a bucket's agents and a thousand sessions are not all sent to claim
+        one event. With `every`, wake them all (news of unknown size: another replica's
+        commit, a listener that was down). A session left asleep still polls.
+        """
+        output_ids = list(output_ids)
+        if self._idle_since:
+            touched = set(output_ids)
+            for key in [k for k in self._idle_since if touched.intersection(k)]:
+                del self._idle_since[key]
         for output_id in output_ids:
-            for wake in self._waiters.get(output_id, ()):
-                wake.set()
+            sessions = self._waiters.get(output_id)
+            if not sessions:
+                continue
+            if every:
+                for wake in sessions:
+                    wake.set()
+                continue
+            for wake, ready in sessions.items():
+                if not wake.is_set() and ready():
+                    wake.set()
+                    sessions[wake] = sessions.pop(wake)  # to the end of the line
+                    break
 
     def notify_all(self) -> None:
         """Wake every session: news may have been missed (a listener was down)."""
-        self.notify(list(self._waiters))
+        self.notify(list(self._waiters), every=True)

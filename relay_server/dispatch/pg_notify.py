@@ -5,6 +5,9 @@ dedicated asyncpg connection that LISTENs on that channel and wakes, through the
 sessions consuming the outputs named, so an agent on replica B gets an event that replica
 A received at once instead of at its next poll.
 
+It also hears REPLY_CHANNEL: an answer another replica left for a caller held here
+(wait mode; dispatch/wait_relay.py).
+
 Notifications are hints, never the only way work is found: sessions poll every
 `--poll-interval` whatever happens, so a notification lost (the listener was down, the
 database restarted) delays an event by at most that interval. The listener reconnects
@@ -23,7 +26,7 @@ import structlog
 
 from relay_server import reaper
 from relay_server.dispatch import hub as hub_mod
-from relay_server.store import replicas, sql
+from relay_server.store import replicas, sql, wait_replies
 
 log = structlog.get_logger(__name__)
 
@@ -66,10 +69,13 @@ class Listener(reaper.Periodic):
             lost = asyncio.Event()
             conn.add_termination_listener(lambda _conn: lost.set())
             await conn.add_listener(replicas.CHANNEL, self._on_notification)
+            await conn.add_listener(wait_replies.REPLY_CHANNEL, self._on_reply)
             log.info("listener_up", channel=replicas.CHANNEL, after_failures=self._failures)
             self._failures = 0
             self._interval_s = RETRY_INITIAL_S
             self._hub.notify_all()  # whatever was sent while nobody listened
+            if self._hub.replies is not None:
+                self._hub.replies.look_now()
             await self._hold(conn, lost)
         except Exception as exc:  # any failure: log, back off, reconnect (never end serve)
             self._down(exc)
@@ -109,4 +115,8 @@ class Listener(reaper.Periodic):
     def _on_notification(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         origin, output_ids = replicas.parse(str(payload))
         if origin != replicas.ORIGIN:  # our own ingests woke our sessions already
-            self._hub.notify(output_ids)
+            self._hub.notify(output_ids, every=True)  # a whole commit group's news
+
+    def _on_reply(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        if self._hub.replies is not None:  # an answer relayed for a caller held somewhere
+            self._hub.replies.heard(str(payload))

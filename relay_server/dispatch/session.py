@@ -6,7 +6,8 @@ lease still held is returned to the queue in one write (each counts as an attemp
 
 A lease whose event has a caller waiting (response mode "wait", `hub.waiting`) asks the
 agent for a Reply; the destination's answer it carries goes to the caller as soon as it
-is read, before the settlement is written. An Ack for such a lease answers 200.
+is read, before the settlement is written. An Ack for such a lease answers 200. When the
+caller is held by another replica (PostgreSQL), `hub.replies` relays the answer to it.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class AgentSession:
         # Lease id -> deadline (ms since the epoch), for credit: a lease that ran out no
         # longer counts against the agent, whether or not it ever settles it.
         self.held: dict[str, int] = {}
-        self._replying: dict[str, str] = {}  # lease id -> event id, for waiting callers
+        # Lease id -> (lease, is its caller held by another replica?), for waiting callers.
+        self._replying: dict[str, tuple[models.Lease, bool]] = {}
         self._store = store
         self._hub = hub
         self._settings = settings
@@ -67,6 +69,9 @@ class AgentSession:
         self._pending_acks: list[str] = []
         self._ack_flusher: asyncio.Task[None] | None = None
         self._release_as = models.Outcome.DISCONNECTED
+
+    def _has_credit(self) -> bool:
+        return self.credit > len(self.held)
 
     def stop(self) -> None:
         """The server is shutting down: end the stream and hand the leases straight back."""
@@ -80,7 +85,7 @@ class AgentSession:
         context: grpc.aio.ServicerContext[relay_pb2.AgentMessage, relay_pb2.ServerMessage],
     ) -> None:
         output_ids = list(self.outputs.values())
-        self._hub.register(output_ids, self._wake)
+        self._hub.register(output_ids, self._wake, self._has_credit)
         reader = asyncio.create_task(self._read(requests), name=f"session-read-{self.session_id}")
         try:
             await self._push(context, reader)
@@ -118,9 +123,13 @@ class AgentSession:
             woken = await self._sleep(reader)
 
     async def _lease(self, limit: int, *, polled: bool) -> list[models.Lease]:
+        output_ids = list(self.outputs.values())
+        # An idle poll: if another session on these outputs just looked, its answer stands.
+        if polled and self._hub.recently_idle(output_ids, self._settings.poll_interval_s / 2):
+            return []
         try:
-            return await self._store.lease(
-                list(self.outputs.values()),
+            leases = await self._store.lease(
+                output_ids,
                 limit=limit,
                 lease_ms=self._settings.lease_ms,
                 holder=self.agent,
@@ -129,18 +138,31 @@ class AgentSession:
         except errors.StorageError as exc:
             log.warning("lease_failed", error=str(exc))
             return []
+        if polled and not leases:
+            self._hub.found_idle(output_ids)
+        return leases
 
     def _replies_wanted(self, leases: list[models.Lease]) -> set[str]:
         """Event ids among `leases` whose caller waits for the destination's answer."""
-        wanted = {lease.event_id for lease in leases if self._hub.waiting.wanted(lease.event_id)}
+        wanted: set[str] = set()
+        remote = self._hub.replies
         for lease in leases:
-            if lease.event_id in wanted:
-                self._replying[lease.lease_id] = lease.event_id
+            if self._hub.waiting.wanted(lease.event_id):
+                self._replying[lease.lease_id] = (lease, False)
+            elif remote is not None and remote.wants(lease):
+                self._replying[lease.lease_id] = (lease, True)
+            else:
+                continue
+            wanted.add(lease.event_id)
         return wanted
 
     def _relay_answer(self, lease_id: str, answer: answers.Answer) -> None:
-        event_id = self._replying.pop(lease_id, None)
-        if event_id is not None and self._hub.waiting.deliver(event_id, answer):
+        lease, elsewhere = self._replying.pop(lease_id, (None, False))
+        if lease is None:
+            return
+        if elsewhere and self._hub.replies is not None:
+            self._hub.replies.send(lease, answer)
+        elif self._hub.waiting.deliver(lease.event_id, answer):
             log.debug("reply_handed_over", lease_id=lease_id, status=answer.status)
 
     def _forget_expired(self) -> None:
@@ -180,6 +202,10 @@ class AgentSession:
             elif kind == "ack":
                 for lease_id in message.ack.lease_ids:
                     self._relay_answer(lease_id, answers.ACCEPTED)
+                    # The agent's slot is free now: the next claim need not wait for this
+                    # ACK's commit, and the two share one group commit.
+                    self.held.pop(lease_id, None)
+                self._wake.set()
                 # ACKs that arrive while a flush is being written go out in the next one.
                 self._pending_acks.extend(message.ack.lease_ids)
                 if self._ack_flusher is None or self._ack_flusher.done():

@@ -5,9 +5,9 @@ session pushing the event can see a caller waits and ask the agent for a Reply; 
 session hands the answer over when the Reply arrives. An Ack without a Reply (an exec or
 dir destination, an SDK worker) answers 200 with an empty body.
 
-The registry lives in this process only. With several replicas, the agent must be
-connected to the replica that received the webhook; otherwise the caller gets the
-timeout answer (the event is delivered all the same). It is bounded: beyond
+The registry lives in this process. With several replicas on PostgreSQL, an agent on
+another replica relays the answer through the database (dispatch/wait_relay.py), and
+`deliver` is then called by the relay instead of a session. It is bounded: beyond
 `max_waiters` callers, or once the server is shutting down, a caller is not held and
 gets the timeout answer at once.
 """
@@ -60,6 +60,10 @@ class Waiting:
         finally:
             del self._waiters[event_id]
             waiter.cancel()
+
+    def held_ids(self) -> list[str]:
+        """The events whose callers are held here now."""
+        return [event_id for event_id, waiter in self._waiters.items() if not waiter.done()]
 
     def wanted(self, event_id: str) -> bool:
         """Is a caller waiting for this event's answer (in this process)?"""

@@ -42,6 +42,7 @@ def seal_event(keyring: crypto.KeyRing, event: models.IncomingEvent) -> dict[str
         "headers_sealed": keyring.seal(headers, aad(event.id, "headers")),
         "body_sealed": keyring.seal(event.body, aad(event.id, "body")),
         "ephemeral": False,  # see store.ephemeral.held_row
+        "caller_waits_until": event.caller_waits_until,
     }
 
 
@@ -242,17 +243,14 @@ async def claim(
         head = await _ordered_head(conn, output_id, now)
         if head is not None:
             heads.append(head)
-    chosen: sa.ColumnElement[bool] = D.c.id.in_(heads)
     free = [output_id for output_id in output_ids if output_id not in ordered]
-    if free and len(heads) < limit:
-        candidates = _lock_for_claim(
-            conn, _available(free, now).order_by(D.c.available_at, D.c.id).limit(limit - len(heads))
-        )
-        chosen = sa.or_(chosen, D.c.id.in_(candidates.scalar_subquery()))
+    chosen = heads + await _oldest_available(conn, free, now, limit - len(heads))
+    if not chosen:
+        return []
     claimed = (
         await conn.execute(
             D.update()
-            .where(chosen, D.c.state == models.DeliveryState.PENDING)
+            .where(D.c.id.in_(chosen), D.c.state == models.DeliveryState.PENDING)
             .values(
                 state=models.DeliveryState.LEASED,
                 attempts=D.c.attempts + 1,
@@ -268,6 +266,38 @@ async def claim(
     if not claimed:
         return []
     return await _with_events(conn, claimed, now + lease_ms)
+
+
+async def _oldest_available(
+    conn: AsyncConnection, output_ids: Sequence[str], now: int, limit: int
+) -> list[str]:
+    """The ids of the `limit` oldest due PENDING deliveries of `output_ids`.
+
+    One query per output, each an ordered range of ix_deliveries_claim that stops after
+    `limit` rows (equally old ones in index order), then merged: a single
+    `output_id IN (...)` query would have to sort every due delivery of all the outputs,
+    which costs as much as the backlog is long.
+    """
+    if limit <= 0 or not output_ids:
+        return []
+    found: list[tuple[int, str]] = []
+    for output_id in output_ids:
+        query = (
+            sa.select(D.c.available_at, D.c.id)
+            .where(
+                D.c.output_id == output_id,
+                D.c.state == models.DeliveryState.PENDING,
+                D.c.available_at <= now,
+            )
+            # Not ", id": ties would then be sorted in full, and a replay or a restore
+            # can make a million deliveries due in the same millisecond.
+            .order_by(D.c.available_at)
+            .limit(limit)
+        )
+        if conn.dialect.name == "postgresql":  # skip rows another replica is claiming
+            query = query.with_for_update(skip_locked=True)
+        found += [(int(row.available_at), str(row.id)) for row in await conn.execute(query)]
+    return [delivery_id for _, delivery_id in sorted(found)[:limit]]
 
 
 def _available(output_ids: Sequence[str], now: int) -> sa.Select[tuple[str]]:
@@ -337,13 +367,6 @@ async def _with_events(
     ]
     leases.sort(key=lambda lease: (lease.event.received_at, lease.delivery_id))
     return leases
-
-
-def _lock_for_claim(conn: AsyncConnection, query: sa.Select[tuple[str]]) -> sa.Select[tuple[str]]:
-    """PostgreSQL: skip rows another replica is claiming. SQLite: the one writer serialises."""
-    if conn.dialect.name == "postgresql":
-        return query.with_for_update(skip_locked=True)
-    return query
 
 
 def _fenced(delivery_id: str, attempt: int) -> sa.ColumnElement[bool]:

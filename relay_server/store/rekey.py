@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relay_server import crypto, errors
-from relay_server.store import codecs, queue, sql, tables
+from relay_server.store import codecs, queue, sql, tables, wait_replies
 
 DEFAULT_BATCH_SIZE = 200
 BATCH_BYTES = 16 * 1024 * 1024  # sealed bytes read into memory per batch, at most
@@ -33,10 +33,15 @@ class SealedColumn:
     table: sa.Table
     column: str
     aad: Callable[[str], bytes]  # row id -> associated data
+    key: str = "id"  # the table's primary key column
 
     @property
     def name(self) -> str:
         return f"{self.table.name}.{self.column}"
+
+    @property
+    def row_id(self) -> sa.Column[Any]:
+        return self.table.c[self.key]
 
 
 SEALED = (
@@ -44,6 +49,8 @@ SEALED = (
     SealedColumn(tables.events, "headers_sealed", lambda row_id: queue.aad(row_id, "headers")),
     SealedColumn(tables.events, "body_sealed", lambda row_id: queue.aad(row_id, "body")),
     SealedColumn(tables.inputs, "verify_secrets_sealed", codecs.secrets_aad),
+    # Answers wait here for seconds only, but a key may be retired while one does.
+    SealedColumn(tables.wait_replies, "answer_sealed", wait_replies.aad, key="event_id"),
 )
 
 
@@ -143,15 +150,15 @@ async def _next_ids(
     limit: int,
 ) -> list[tuple[str, int]]:
     """(row id, sealed bytes) of the next rows holding a record not under the primary."""
-    table = columns[0].table
+    table, row_id = columns[0].table, columns[0].row_id
     size = sum(
         (sa.func.coalesce(sa.func.length(table.c[col.column]), 0) for col in columns),
         start=sa.literal(0),
     )
     query = (
-        sa.select(table.c.id, size)
-        .where(table.c.id > after, sa.or_(*(_not_under(col, primary_id) for col in columns)))
-        .order_by(table.c.id)
+        sa.select(row_id, size)
+        .where(row_id > after, sa.or_(*(_not_under(col, primary_id) for col in columns)))
+        .order_by(row_id)
         .limit(limit)
     )
     return [(str(row_id), int(n)) for row_id, n in (await conn.execute(query)).all()]
@@ -177,17 +184,19 @@ async def _reencrypt_rows(
     row_ids: list[str],
     report: RekeyReport,
 ) -> None:
-    table = columns[0].table
+    table, row_id = columns[0].table, columns[0].row_id
     async with store.db.read() as conn:
         rows = (
             await conn.execute(
-                sa.select(table.c.id, *(table.c[col.column] for col in columns)).where(
-                    table.c.id.in_(row_ids)
+                sa.select(row_id.label("id"), *(table.c[col.column] for col in columns)).where(
+                    row_id.in_(row_ids)
                 )
             )
         ).all()
     changes = [change for row in rows if (change := _reseal(keyring, columns, row, report))]
-    report.done += await store.db.write(functools.partial(_apply, table=table, changes=changes))
+    report.done += await store.db.write(
+        functools.partial(_apply, table=table, row_id=row_id, changes=changes)
+    )
 
 
 Change = tuple[str, dict[str, bytes], dict[str, bytes]]  # row id, new values, old values
@@ -214,12 +223,14 @@ def _reseal(
     return (row.id, new, old) if new else None
 
 
-async def _apply(conn: AsyncConnection, table: sa.Table, changes: list[Change]) -> int:
+async def _apply(
+    conn: AsyncConnection, table: sa.Table, row_id: sa.Column[Any], changes: list[Change]
+) -> int:
     done = 0
-    for row_id, new, old in changes:
+    for changed_id, new, old in changes:
         unchanged = [table.c[name] == value for name, value in old.items()]
         result = await conn.execute(
-            table.update().where(table.c.id == row_id, *unchanged).values(**new)
+            table.update().where(row_id == changed_id, *unchanged).values(**new)
         )
         done += len(new) if result.rowcount == 1 else 0
     return done

@@ -120,6 +120,9 @@ events = sa.Table(
     # Ephemeral bucket: the sealed fields above hold nothing (sealed empty values); path
     # and source are empty too. The payload lives only in the receiving server's memory.
     sa.Column("ephemeral", sa.Boolean, nullable=False, server_default=sa.false()),
+    # Wait mode: until when the caller that sent it is held for the destination's answer
+    # (ms); NULL when nobody waits. An agent on any replica is then asked for a Reply.
+    sa.Column("caller_waits_until", sa.BigInteger, nullable=True),
     sa.Index("ix_events_bucket_received", "bucket_id", "received_at"),
     sa.Index("ix_events_input", "input_id"),
 )
@@ -172,6 +175,17 @@ dedup_keys = sa.Table(
     sa.Column("event_id", ID, nullable=False),
     sa.Column("expires_at", sa.BigInteger, nullable=False),
     sa.Index("ix_dedup_keys_expires", "expires_at"),
+)
+
+# Wait mode across replicas: a destination's answer relayed by one replica for a caller
+# held by another (AES-256-GCM sealed, associated data "reply:<event id>").
+wait_replies = sa.Table(
+    "wait_replies",
+    metadata,
+    sa.Column("event_id", ID, primary_key=True),
+    sa.Column("answer_sealed", sa.LargeBinary, nullable=False),
+    sa.Column("expires_at", sa.BigInteger, nullable=False),
+    sa.Index("ix_wait_replies_expires_at", "expires_at"),
 )
 
 attempts = sa.Table(

@@ -136,7 +136,12 @@ class Relay:
         else:
             await self.cli("quickstart", "--grpc-address", self.grpc_address)
         self.token = (self.home / "var" / "quickstart-agent.token").read_text().strip()
-        self.input_id = (await self.cli_json("input", "list"))[0]["id"]
+        known = self.home / "var" / "quickstart-input.id"  # saves a CLI call per copy
+        if template is not None and known.exists():
+            self.input_id = known.read_text()
+        else:
+            self.input_id = (await self.cli_json("input", "list"))[0]["id"]
+            known.write_text(self.input_id)
 
     def start(self, *extra: str) -> None:
         assert self.proc is None or self.proc.poll() is not None, "server already running"

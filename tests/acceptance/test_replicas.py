@@ -17,10 +17,11 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp import ClientSession
+from aiohttp import ClientSession, web
 
 from tests import pg
 from tests.acceptance import harness
+from tests.acceptance.test_delivery import post
 from tests.faults.ledger import Ledger, Sink
 
 pytestmark = pytest.mark.skipif(not pg.pg_available(), reason=pg.SKIP_REASON)
@@ -354,3 +355,45 @@ async def test_notifications_wake_other_replicas_and_polling_covers_their_loss(
             if e.get("event") == "listener_up" and harness.logged_at(e) >= restarted_at
         ]
     ledger.report().assert_sound()
+
+
+async def test_wait_mode_answers_a_caller_held_by_another_replica(
+    cluster: Callable[..., Awaitable[Cluster]], agents: Callable[..., harness.Agent]
+) -> None:
+    """The caller waits on replica 0, the only agent is on replica 1: the caller still
+    gets the destination's own answer, through the database, with or without NOTIFY."""
+    big = bytes(range(256)) * 80  # 20 KiB: more than a notification could carry
+
+    def answer(_n: int, request: web.Request) -> web.Response:
+        body = big if request.path == "/big" else f"hello {request.path}".encode()
+        return web.Response(status=201, headers={"X-Answered-By": "target"}, body=body)
+
+    c = await cluster(2, "--poll-interval", "3s")
+    r0, r1 = c.replicas
+    await r0.cli("input", "respond", r0.input_id, "--mode", "wait", "--timeout", "10s")
+    await asyncio.sleep(2.5)  # the replicas' route caches (2 s) see the new mode
+    async with harness.Target(answer) as target:
+        agents(r0, target.url, "agent", c.servers(1))
+        await harness.wait_logged(
+            r1.log_text, harness.logged("agent_connected"), 15, "the agent on replica 1"
+        )
+        for tail in ("/orders", "/big"):
+            started = time.monotonic()
+            status, headers, body = await post(r0.input_url(tail=tail), b'{"id": 7}')
+            waited = time.monotonic() - started
+            expected = big if tail == "/big" else b"hello /orders"
+            assert (status, body) == (201, expected), f"{tail}: {status} {body[:80]!r}"
+            assert headers["X-Answered-By"] == "target"
+            assert waited < 2.0, f"{tail}: the answer took {waited:.2f}s (NOTIFY should wake it)"
+
+        # Replica 0 hears no notifications at all: it finds the answer at its next look.
+        r0.stop()
+        r0.start("--no-listen")
+        await r0.wait_ready()
+        await asyncio.sleep(2.5)
+        status, _, body = await post(r0.input_url(tail="/polled"), b"{}")
+        assert (status, body) == (201, b"hello /polled")
+    left = await c.query("SELECT count(*) AS n FROM wait_replies")
+    assert left[0]["n"] == 0, "every relayed answer was taken by its caller's replica"
+    delivered = await c.query("SELECT count(*) AS n FROM deliveries WHERE state = 'delivered'")
+    assert delivered[0]["n"] == 3

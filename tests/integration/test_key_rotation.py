@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from relay_server import crypto, errors, ids, keys, models
-from relay_server.store import rekey, sql, tables
+from relay_server.store import rekey, sql, tables, wait_replies
 from tests.integration.conftest import Installation, install, opened_store
 
 EVENTS = 1_000
@@ -204,6 +204,27 @@ async def test_remove_refuses_the_primary_and_unknown_keys(
         await keys.remove(keyed_store, key_file, "k9")
     with crypto.key_file_lock(key_file), pytest.raises(errors.ConfigError, match="another"):
         await rotate(keyed_store, key_file)
+
+
+async def test_an_answer_waiting_for_its_caller_is_re_encrypted_and_still_opens(
+    keyed_store: sql.SqlStore, key_file: pathlib.Path
+) -> None:
+    store = keyed_store
+    inst = await install(store)
+    (event_id,) = await stored_events(store, inst, 1)
+    async with store.db.engine.begin() as conn:
+        await wait_replies.put(conn, store.keyring, event_id, b"HTTP answer", 2**62)
+    await rotate(store, key_file)
+
+    report = await rekey.reencrypt(store)
+
+    assert (report.done, report.failed) == (4, 0)  # 3 event columns and the answer
+    async with store.db.engine.begin() as conn:
+        sealed = await conn.scalar(sa.select(tables.wait_replies.c.answer_sealed))
+        assert crypto.KeyRing.key_id_of(sealed) == "k2"
+        assert await wait_replies.take(conn, store.keyring, [event_id]) == {
+            event_id: b"HTTP answer"
+        }
 
 
 def test_every_sealed_column_of_the_schema_is_re_encrypted_by_rotation() -> None:

@@ -179,7 +179,13 @@ async def test_the_cleaner_works_in_small_batches_and_forgets_dedup_keys(
         await store.settle([settle(item, models.Outcome.ACK)], agent="t")
     await asyncio.sleep(0.01)
     removed = await store.clean(limit=3)
-    assert removed == {"dedup_keys": 1, "nonces": 0, "dead_letters": 0, "events": 7}
+    assert removed == {
+        "dedup_keys": 1,
+        "nonces": 0,
+        "wait_replies": 0,
+        "dead_letters": 0,
+        "events": 7,
+    }
     remaining = await stored_event_ids(store)
     assert not set(ids) & set(remaining) and len(remaining) == 1
     async with store.db.read() as conn:
@@ -250,3 +256,25 @@ async def test_a_new_output_gets_new_events_and_a_bucket_keeps_one(
     with pytest.raises(errors.Conflict, match="last one"):
         await store.delete_output(bucket, "default", force=True)
     assert [o.name for o in await store.list_outputs(bucket)] == ["default"]
+
+
+async def test_a_claim_over_several_outputs_takes_the_oldest_of_all(
+    installed: Installation,
+) -> None:
+    """Each output is read in its own index order, then merged: oldest first overall."""
+    store = installed.store
+    bucket = await store.get_bucket(installed.account.id, installed.bucket.name)
+    archive = await store.create_output(bucket, "archive", ordered=False)
+    route = await store.route(installed.route.input.id)
+    assert route is not None
+    default = next(o for o in route.output_ids if o != archive.id)
+    for n in range(4):
+        await store.ingest(incoming(installed, f"e{n}".encode(), route=route))
+        await asyncio.sleep(0.003)  # distinct arrival (available) times
+    # The default output's first two are taken alone: archive's e0 and e1 are the oldest now.
+    await store.lease([default], limit=2, lease_ms=30_000, holder="t")
+    taken = await store.lease(route.output_ids, limit=3, lease_ms=30_000, holder="t")
+    got = sorted((item.body, item.output) for item in taken)
+    # e2's two deliveries are equally old: either may come third.
+    assert got[:2] == [(b"e0", "archive"), (b"e1", "archive")], got
+    assert got[2][0] == b"e2", got
