@@ -13,7 +13,7 @@ import contextlib
 import structlog
 
 from relay_server import errors
-from relay_server.store import sql
+from relay_server.store import retention, sql
 
 log = structlog.get_logger(__name__)
 
@@ -52,9 +52,20 @@ class LeaseReaper(Periodic):
 
 
 class RetentionCleaner(Periodic):
+    def __init__(self, store: sql.SqlStore, interval_s: float) -> None:
+        super().__init__(store, interval_s)
+        # Where the walks through old events stopped (the next pass resumes there instead
+        # of walking again past events it must keep), and the pace that leaves the
+        # database to ingest (see store/retention.py).
+        self._sweep = retention.Sweep(busy_share=retention.CLEANER_BUSY_SHARE)
+
+    def stop(self) -> None:
+        self._sweep.stopping.set()  # a pass under way ends after its current batch
+        super().stop()
+
     async def once(self) -> int:
         try:
-            removed = await self._store.clean()
+            removed = await self._store.clean(sweep=self._sweep)
         except errors.StorageError as exc:
             log.warning("retention_failed", error=str(exc))
             return 0

@@ -34,7 +34,7 @@ log = structlog.get_logger(__name__)
 
 MIGRATIONS = pathlib.Path(__file__).resolve().parent.parent / "migrations"
 # The newest migration in MIGRATIONS (checked by tests/integration/test_migrations.py).
-SCHEMA_HEAD = "0004"
+SCHEMA_HEAD = "0006"
 SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 CLOSE_GRACE_S = 5.0  # close() waits this long at most for operations still under way
 DEFAULT_POOL_SIZE = 10
@@ -258,7 +258,10 @@ class Database:
         taken: list[tuple[Any, asyncio.Future[Any]]] = []
 
         async def op(conn: AsyncConnection) -> Sequence[Any]:
-            taken[:] = self._coalesced.pop(key, [])
+            # Take the waiting items once: if the group this op ran in fails and the op is
+            # retried alone, it retries the same items (their first try was rolled back).
+            if not taken:
+                taken[:] = self._coalesced.pop(key, [])
             return await apply_many(conn, [item for item, _ in taken])
 
         try:

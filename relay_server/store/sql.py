@@ -26,6 +26,7 @@ from relay_server.store import (
     outputs,
     queue,
     retention,
+    wait_replies,
 )
 
 
@@ -162,6 +163,7 @@ class SqlStore:
             body=body,
             received_at=models.from_ms(event.received_at),
             replay=item.replay,
+            caller_waits_until=event.caller_waits_until,
         )
 
     async def settle(self, settlements: Sequence[models.Settlement], *, agent: str) -> list[str]:
@@ -173,6 +175,32 @@ class SqlStore:
         )
         await ephemeral.forget_settled(self.db, self.payloads, [s.lease_id for s in settlements])
         return lost
+
+    async def put_wait_reply(self, event_id: str, plain: bytes, *, expires_at: int) -> None:
+        """Leave an answer for a caller held by another replica (store/wait_replies.py)."""
+        await self.db.write(
+            functools.partial(
+                wait_replies.put,
+                keyring=self.keyring,
+                event_id=event_id,
+                plain=plain,
+                expires_at=expires_at,
+            )
+        )
+
+    async def take_wait_replies(self, event_ids: Sequence[str]) -> dict[str, bytes]:
+        """The answers other replicas left for these events, removed as they are taken.
+
+        Looks with a read first: callers usually wait with no answer left yet."""
+        async with self.db.read() as conn:
+            event_ids = await wait_replies.present(conn, event_ids)
+        if not event_ids:
+            return {}
+        return dict(
+            await self.db.write(
+                functools.partial(wait_replies.take, keyring=self.keyring, event_ids=event_ids)
+            )
+        )
 
     async def extend(self, lease_ids: Sequence[str], extend_ms: int) -> list[str]:
         return await self.db.write(
@@ -480,33 +508,15 @@ class SqlStore:
 
     # ---- retention -----------------------------------------------------------------
 
-    async def clean(self, *, limit: int = 500) -> dict[str, int]:
+    async def clean(
+        self, *, limit: int = 500, sweep: retention.Sweep | None = None
+    ) -> dict[str, int]:
         """One pass of the retention rules, `limit` rows per write transaction.
 
-        Returns how many dedup keys, replay nonces, dead letters and events it deleted.
+        `sweep`: the running cleaner's state (where its walks through old events and dead
+        letters stopped, its pace); without it the walks start from the oldest, unpaced.
+        Returns how many dedup keys, replay nonces, relayed answers, dead letters and events
+        it deleted.
         """
-        now = models.now_ms()
-        removed = {"dedup_keys": 0, "nonces": 0, "dead_letters": 0, "events": 0}
-        for name, step in (
-            ("dedup_keys", retention.expired_dedup_keys),
-            ("nonces", retention.expired_nonces),
-            ("dead_letters", retention.old_dead_letters),
-        ):
-            while True:
-                n = await self.db.write(functools.partial(step, now=now, limit=limit))
-                removed[name] += n
-                if n < limit:
-                    break
-        async with self.db.read() as conn:
-            cutoffs = await retention.retention_cutoffs(conn, now)
-        for bucket_id, cutoff in cutoffs:
-            while True:
-                n = await self.db.write(
-                    functools.partial(
-                        retention.old_events, bucket_id=bucket_id, cutoff=cutoff, limit=limit
-                    )
-                )
-                removed["events"] += n
-                if n < limit:
-                    break
-        return removed
+        sweep = sweep if sweep is not None else retention.Sweep()
+        return await retention.clean(self.db, sweep, now=models.now_ms(), limit=limit)
