@@ -46,6 +46,7 @@ class KeyRing:
     primary_id: str
     keys: Mapping[str, bytes]
     _ciphers: dict[str, AESGCM] = field(default_factory=dict, repr=False, compare=False)
+    _prefix: list[bytes] = field(init=False, default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.primary_id not in self.keys:
@@ -53,11 +54,12 @@ class KeyRing:
         for key_id, key in self.keys.items():
             _check_key(key_id, key)
             self._ciphers[key_id] = AESGCM(key)
+        self._prefix.append(record_prefix(self.primary_id))  # sealing runs per webhook field
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         nonce = os.urandom(NONCE_BYTES)
         sealed = self._ciphers[self.primary_id].encrypt(nonce, plaintext, aad)
-        return record_prefix(self.primary_id) + nonce + sealed
+        return b"".join((self._prefix[0], nonce, sealed))
 
     def open(self, record: bytes, aad: bytes) -> bytes:
         key_id, nonce, sealed = _split(record)
@@ -77,7 +79,7 @@ class KeyRing:
         return _split(record)[0]
 
     def is_sealed_with_primary(self, record: bytes) -> bool:
-        return record.startswith(record_prefix(self.primary_id))
+        return record.startswith(self._prefix[0])
 
 
 def record_prefix(key_id: str) -> bytes:

@@ -143,7 +143,7 @@ def admitted(event: models.IncomingEvent, nonce: models.Nonce | None) -> models.
     (the Authorization header and, for token auth, the `token` query parameter)."""
     input_auth = event.route.bucket.input_auth
     if input_auth is None:
-        return dataclasses.replace(event, nonce=nonce)
+        return event if event.nonce is nonce else dataclasses.replace(event, nonce=nonce)
     headers = tuple((k, v) for k, v in event.headers if k.lower() != "authorization")
     query = event.query
     if input_auth.kind is models.InputAuthKind.TOKEN and query:

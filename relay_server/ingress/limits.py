@@ -18,6 +18,7 @@ several replicas each applies the limit on its own.
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -35,6 +36,10 @@ MAX_TRACKED = 10_000  # buckets (not full) kept per kind; the least recently use
 # A token counts as there when this close to 1: 0.2 s at 5/s must refill one whole token
 # even though 0.2 * 5 is 0.9999999999999998 in floating point.
 EPSILON = 1e-9
+
+# throttle.source_key parses the address on every call; the per-source limit asks once per
+# webhook, mostly about the same few senders. Bounded like the buckets themselves.
+_source_key = functools.lru_cache(maxsize=MAX_TRACKED)(throttle.source_key)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -117,7 +122,7 @@ class RateLimiter:
         if self._per_source is None:
             return None
         sender = source.source_of(request, self._trusted)
-        key = throttle.source_key(sender)
+        key = _source_key(sender)
         return self._check(request, self.sources, key, self._per_source, source=key)
 
     def refuse_input(self, request: web.Request, route: models.Route) -> web.Response | None:

@@ -59,4 +59,7 @@ def client_address(peer: str, forwarded: Iterable[str], trusted: tuple[Network, 
 
 
 def source_of(request: web.Request, trusted: tuple[Network, ...]) -> str:
-    return client_address(request.remote or "", request.headers.getall(FORWARDED_FOR, ()), trusted)
+    peer = request.remote or ""
+    if not trusted:  # the usual case, and once per webhook: skip the header look-up
+        return peer
+    return client_address(peer, request.headers.getall(FORWARDED_FOR, ()), trusted)
