@@ -1,0 +1,7 @@
+"""`python -m bench`: the whole bench suite (see bench/run.py)."""
+
+from __future__ import annotations
+
+from bench import run
+
+run.main()
