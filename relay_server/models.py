@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import enum
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from relay_server import ids
@@ -363,6 +364,25 @@ class Lease:
 
     def log_context(self) -> dict[str, object]:
         return {"event_id": self.event_id, "lease_id": self.lease_id, "attempt": self.attempt}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Slot:
+    """A free place in a connected agent's window, held for one new event while ingest
+    commits it: the delivery is written LEASED to `holder` in the event's own transaction
+    and `give`n to the agent's stream right after the commit, with no claim and no
+    re-read. `cancel` returns the place (the event was a duplicate, the output is
+    ordered, the write failed); exactly one of the two is called."""
+
+    holder: str
+    lease_ms: int
+    bucket: str  # names, as the agent sees them
+    output: str
+    give: Callable[[Lease], None]
+    cancel: Callable[[], None]
+
+
+Offer = Callable[[str], "Slot | None"]  # output id -> a held place, or None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -169,6 +169,7 @@ class AgentRelayServicer(relay_pb2_grpc.AgentRelayServicer):
             outputs=outputs,
             credit=min(asked, self._grpc.max_in_flight),
             settings=self._dispatch,
+            output=subscribe.output or "default",
         )
         self._sessions.add(agent_session)
         self._idle.clear()

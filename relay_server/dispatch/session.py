@@ -8,6 +8,11 @@ A lease whose event has a caller waiting (response mode "wait", `hub.waiting`) a
 agent for a Reply; the destination's answer it carries goes to the caller as soon as it
 is read, before the settlement is written. An Ack for such a lease answers 200. When the
 caller is held by another replica (PostgreSQL), `hub.replies` relays the answer to it.
+
+A session that is caught up (its last claim found no backlog) offers the free places in
+its window to ingest (`offer`, through the hub): a new event's delivery is then written
+LEASED to this agent in the event's own transaction and given here after the commit, so
+the live path costs no claim transaction and no re-read of the sealed event.
 """
 
 from __future__ import annotations
@@ -37,6 +42,23 @@ class FrameError(errors.RelayError):
     """The agent sent a frame that makes no sense here."""
 
 
+class Wake(asyncio.Event):
+    """The push loop's wake-up. The hub `set`s it for news (new deliveries to claim, kept
+    until a claim runs); the session `poke`s it for its own reasons (credit came back, a
+    lease was given, a notice to send), which need no claim from a caught-up session."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.news = False
+
+    def set(self) -> None:
+        self.news = True
+        super().set()
+
+    def poke(self) -> None:
+        super().set()
+
+
 class AgentSession:
     def __init__(
         self,
@@ -48,10 +70,13 @@ class AgentSession:
         outputs: Mapping[str, str],
         credit: int,
         settings: DispatchSettings,
+        output: str = "default",
     ) -> None:
         self.session_id = session_id
         self.agent = agent  # "<key_id>/<agent name>": recorded with every attempt
         self.outputs = dict(outputs)  # bucket name -> output id
+        self.output = output  # the output's name (the same in every bucket)
+        self._bucket_of = {output_id: bucket for bucket, output_id in self.outputs.items()}
         self.credit = credit
         self._max_credit = credit  # what Welcome granted: Credit frames may only lower it
         # Lease id -> deadline (ms since the epoch), for credit: a lease that ran out no
@@ -62,22 +87,69 @@ class AgentSession:
         self._store = store
         self._hub = hub
         self._settings = settings
-        self._wake = asyncio.Event()
+        self._wake = Wake()
         self._stopping = asyncio.Event()
         self._notices: list[relay_pb2.ServerMessage] = []
         self._applying: set[asyncio.Task[None]] = set()
         self._pending_acks: list[str] = []
         self._ack_flusher: asyncio.Task[None] | None = None
         self._release_as = models.Outcome.DISCONNECTED
+        self._reserved = 0  # places held for events being committed (offer)
+        self._handed: list[models.Lease] = []  # given at ingest, not yet pushed
+        self._caught_up = False  # the last claim found fewer deliveries than it asked for
+        self._ordered = False  # some of the outputs are ordered (as the last claim saw)
+        self._closed = False  # unregistered: leases given from now on are handed back
 
     def _has_credit(self) -> bool:
-        return self.credit > len(self.held)
+        return self.credit > len(self.held) + self._reserved
+
+    def offer(self, output_id: str) -> models.Slot | None:
+        """Hold a place in the agent's window for one new event (see the module doc)."""
+        if self._closed or self._stopping.is_set() or not self._caught_up:
+            return None
+        if not self._has_credit():
+            return None
+        self._reserved += 1
+        return models.Slot(
+            holder=self.agent,
+            lease_ms=self._settings.lease_ms,
+            bucket=self._bucket_of[output_id],
+            output=self.output,
+            give=self._given,
+            cancel=self._unreserve,
+        )
+
+    def _given(self, lease: models.Lease) -> None:
+        self._reserved -= 1
+        if self._closed:  # the stream ended while the event was being committed
+            _in_background(self._hand_back(lease), f"session-hand-back-{self.session_id}")
+            return
+        self.held[lease.lease_id] = models.to_ms(lease.deadline)
+        self._handed.append(lease)
+        self._wake.poke()
+
+    def _unreserve(self) -> None:
+        self._reserved -= 1
+        self._wake.set()  # the event may wait PENDING (an ordered output): claim it
+
+    async def _hand_back(self, lease: models.Lease) -> None:
+        release = models.Settlement(
+            lease_id=lease.lease_id,
+            outcome=models.Outcome.DISCONNECTED,
+            reason="agent stream ended while holding the lease",
+        )
+        try:
+            await self._store.settle([release], agent=self.agent)
+        except errors.StorageError as exc:  # the reaper returns it when the lease runs out
+            log.warning("release_failed", count=1, error=str(exc))
+            return
+        self._hub.notify(self.outputs.values())  # another agent may take it now
 
     def stop(self) -> None:
         """The server is shutting down: end the stream and hand the leases straight back."""
         self._release_as = models.Outcome.RELEASED
         self._stopping.set()
-        self._wake.set()
+        self._wake.poke()
 
     async def run(
         self,
@@ -85,12 +157,13 @@ class AgentSession:
         context: grpc.aio.ServicerContext[relay_pb2.AgentMessage, relay_pb2.ServerMessage],
     ) -> None:
         output_ids = list(self.outputs.values())
-        self._hub.register(output_ids, self._wake, self._has_credit)
+        self._hub.register(output_ids, self._wake, self._has_credit, self.offer)
         reader = asyncio.create_task(self._read(requests), name=f"session-read-{self.session_id}")
         try:
             await self._push(context, reader)
         finally:
             self._hub.unregister(output_ids, self._wake)
+            self._closed = True
             reader.cancel()
             # gather, not await: a reader that failed must not skip the release below.
             await asyncio.gather(reader, return_exceptions=True)
@@ -103,29 +176,45 @@ class AgentSession:
             raise failure
 
     async def _push(self, context: grpc.aio.ServicerContext, reader: asyncio.Task[None]) -> None:
-        woken = True  # the first look, and every wake-up, go straight to a claim
+        woken = True  # the first look goes straight to a claim
+        self._wake.news = True
         while not self._stopping.is_set() and not reader.done():
             self._wake.clear()
             while self._notices:
                 await context.write(self._notices.pop(0))
             self._forget_expired()
-            free = self.credit - len(self.held)
-            leases = await self._lease(free, polled=not woken) if free > 0 else []
+            handed, self._handed = self._handed, []  # held already
+            if handed:
+                await self._send(context, handed)
+                woken = await self._sleep(reader)  # at once if more came meanwhile
+                continue
+            free = self.credit - len(self.held) - self._reserved
+            leases: list[models.Lease] = []
+            # Woken only by credit coming back, a caught-up session has nothing to claim:
+            # new events come with news (or are given to it). The poll still looks.
+            if free > 0 and (self._wake.news or not woken or not self._caught_up):
+                polled = not woken and not self._wake.news
+                self._wake.news = False
+                leases = await self._lease(free, polled=polled)
             woken = False
             if leases:
                 self.held.update((lease.lease_id, models.to_ms(lease.deadline)) for lease in leases)
-                wanted = self._replies_wanted(leases)
-                for frame in frames.batches(leases, self._settings.max_batch_bytes, wanted):
-                    await context.write(frame)
-                for lease in leases:
-                    log.debug("lease_granted", **lease.log_context())
+                await self._send(context, leases)
                 continue
             woken = await self._sleep(reader)
+
+    async def _send(self, context: grpc.aio.ServicerContext, leases: list[models.Lease]) -> None:
+        wanted = self._replies_wanted(leases)
+        for frame in frames.batches(leases, self._settings.max_batch_bytes, wanted):
+            await context.write(frame)
+        for lease in leases:
+            log.debug("lease_granted", **lease.log_context())
 
     async def _lease(self, limit: int, *, polled: bool) -> list[models.Lease]:
         output_ids = list(self.outputs.values())
         # An idle poll: if another session on these outputs just looked, its answer stands.
         if polled and self._hub.recently_idle(output_ids, self._settings.poll_interval_s / 2):
+            self._caught_up = not self._ordered
             return []
         try:
             leases = await self._store.lease(
@@ -137,7 +226,13 @@ class AgentSession:
             )
         except errors.StorageError as exc:
             log.warning("lease_failed", error=str(exc))
+            self._caught_up = False
             return []
+        if leases.ordered is not None:
+            self._ordered = leases.ordered
+        # An ordered output gives one delivery at a time: never caught up, it needs a
+        # claim after each settlement to give the next.
+        self._caught_up = len(leases) < limit and not self._ordered
         if polled and not leases:
             self._hub.found_idle(output_ids)
         return leases
@@ -198,14 +293,14 @@ class AgentSession:
                 # Applied here, in frame order: no lease is pushed after a Credit{0} that
                 # precedes the agent's releasing NACKs.
                 self.credit = min(message.credit.max_in_flight, self._max_credit)
-                self._wake.set()
+                self._wake.poke()
             elif kind == "ack":
                 for lease_id in message.ack.lease_ids:
                     self._relay_answer(lease_id, answers.ACCEPTED)
                     # The agent's slot is free now: the next claim need not wait for this
                     # ACK's commit, and the two share one group commit.
                     self.held.pop(lease_id, None)
-                self._wake.set()
+                self._wake.poke()
                 # ACKs that arrive while a flush is being written go out in the next one.
                 self._pending_acks.extend(message.ack.lease_ids)
                 if self._ack_flusher is None or self._ack_flusher.done():
@@ -251,7 +346,7 @@ class AgentSession:
             self._notices.append(
                 frames.lease_lost(lost, "lease no longer held (expired or settled)")
             )
-            self._wake.set()
+            self._wake.poke()
 
     async def _apply(self, kind: str, message: relay_pb2.AgentMessage) -> list[str]:
         if kind == "extend":
@@ -271,7 +366,10 @@ class AgentSession:
             self.held.pop(item.lease_id, None)
             self._replying.pop(item.lease_id, None)
             log.debug("lease_settled", lease_id=item.lease_id, outcome=str(item.outcome))
-        self._wake.set()  # credit came back
+        if all(item.outcome is models.Outcome.ACK for item in settlements):
+            self._wake.poke()  # credit came back
+        else:
+            self._wake.set()  # and a delivery may be due again at once (retry after 0)
         return lost
 
     async def _release_held(self) -> None:
@@ -293,6 +391,17 @@ class AgentSession:
         try:
             await self._store.settle(settlements, agent=self.agent)
             log.info("leases_released", count=len(settlements), outcome=str(outcome))
+            self._hub.notify(self.outputs.values())  # another agent may take them now
         except errors.StorageError as exc:
             log.warning("release_failed", count=len(settlements), error=str(exc))
         self.held.clear()
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def _in_background(work: Coroutine[Any, Any, None], name: str) -> None:
+    """Run `work` after its session has ended (kept referenced until it is done)."""
+    task = asyncio.create_task(work, name=name)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)

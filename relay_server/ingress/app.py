@@ -159,8 +159,17 @@ async def _commit_and_answer(
         if waiter is not None:  # an agent on any replica will be asked for the answer
             until = models.now_ms() + mode.timeout_ms
             event = dataclasses.replace(event, caller_waits_until=until)
+        hub = app[HUB]
+        taken: list[str] = []  # outputs an agent held a place on: the event goes to it
+
+        def offer(output_id: str) -> models.Slot | None:
+            slot = hub.offer(output_id)
+            if slot is not None:
+                taken.append(output_id)
+            return slot
+
         try:
-            original = await app[STORE].ingest(event)
+            original = await app[STORE].ingest(event, offer)
         except errors.StorageError as exc:
             log.warning("event_not_stored", error=str(exc), **event.log_context())
             return web.Response(
@@ -170,7 +179,12 @@ async def _commit_and_answer(
             log.info("event_duplicate", duplicate_of=original, **event.log_context())
             duplicate = answers.immediate(mode)
             return _to_response(duplicate, **{DUPLICATE_HEADER: original})
-        app[HUB].notify(event.route.output_ids)
+        # The others' sessions are woken to claim (a place given back wakes its own).
+        hub.notify(
+            [o for o in event.route.output_ids if o not in taken]
+            if taken
+            else event.route.output_ids
+        )
         # debug, not info: a line per webhook cost ~10 us of the loop (render + write)
         log.debug("event_received", method=event.method, **event.log_context())
         return _to_response(await answers.answer(mode, waiter))

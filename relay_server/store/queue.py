@@ -7,9 +7,10 @@ Functions here run inside a write transaction handed in by `Database.write`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
@@ -84,6 +85,9 @@ class NewEvent:
     dedup_key: str | None = None
     dedup_window_ms: int = 0
     nonce: models.Nonce | None = None  # a timestamped signature's: a replay if seen before
+    # Output id -> (holder, lease ms): an agent took a place for this event (models.Slot);
+    # its delivery on that output, unless the output is ordered, is written LEASED to it.
+    slots: Mapping[str, tuple[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +96,8 @@ class Ingested:
 
     duplicate_of: str | None = None  # the earlier event holding the same dedup key
     replay: bool = False  # its nonce was seen: the very same signed webhook came before
+    # (output id, delivery id, lease deadline ms) of each delivery written LEASED (slots).
+    leased: tuple[tuple[str, str, int], ...] = ()
 
     @property
     def stored(self) -> bool:
@@ -112,23 +118,48 @@ async def insert_events(conn: AsyncConnection, events: Sequence[NewEvent]) -> li
     if not fresh:
         return results
     await conn.execute(E.insert(), [event.row for event in fresh])
-    outputs_of: dict[str, list[str]] = {}
+    outputs_of: dict[str, list[tuple[str, bool]]] = {}
     rows = await conn.execute(
-        sa.select(tables.outputs.c.bucket_id, tables.outputs.c.id)
+        sa.select(tables.outputs.c.bucket_id, tables.outputs.c.id, tables.outputs.c.ordered)
         .where(tables.outputs.c.bucket_id.in_({event.bucket_id for event in fresh}))
         .order_by(tables.outputs.c.id)
     )
-    for bucket_id, output_id in rows:
-        outputs_of.setdefault(bucket_id, []).append(output_id)
-    deliveries = [
-        new_delivery_row(str(event.row["id"]), output_id, now, replay=False)
-        for event in fresh
-        for output_id in outputs_of.get(event.bucket_id, ())
-    ]
+    for bucket_id, output_id, ordered in rows:
+        outputs_of.setdefault(bucket_id, []).append((output_id, bool(ordered)))
+    deliveries: list[dict[str, object]] = []
+    waiting: set[str] = set()  # outputs with a new PENDING delivery: other replicas look
+    for index, event in enumerate(events):
+        if not results[index].stored:
+            continue
+        leased: list[tuple[str, str, int]] = []
+        for output_id, ordered in outputs_of.get(event.bucket_id, ()):
+            row = new_delivery_row(str(event.row["id"]), output_id, now, replay=False)
+            slot = None if ordered else event.slots.get(output_id)
+            if slot is None:
+                waiting.add(output_id)
+            else:
+                holder, lease_ms = slot
+                row.update(_leased_values(now, lease_ms, holder), attempts=1, first_attempt_at=now)
+                leased.append((output_id, str(row["id"]), now + lease_ms))
+            deliveries.append(row)
+        if leased:
+            results[index] = dataclasses.replace(results[index], leased=tuple(leased))
     if deliveries:
         await conn.execute(D.insert(), deliveries)
-        await replicas.publish(conn, {str(row["output_id"]) for row in deliveries})
+    if waiting:
+        await replicas.publish(conn, waiting)
     return results
+
+
+def _leased_values(now: int, lease_ms: int, holder: str) -> dict[str, object]:
+    """The columns a lease sets (besides attempts), by a claim or at ingest (slots)."""
+    return {
+        "state": models.DeliveryState.LEASED,
+        "leased_at": now,
+        "lease_expires_at": now + lease_ms,
+        "leased_by": holder,
+        "updated_at": now,
+    }
 
 
 async def _ingested(conn: AsyncConnection, event: NewEvent, now: int) -> Ingested:
@@ -214,6 +245,13 @@ async def has_available(conn: AsyncConnection, output_ids: Sequence[str]) -> boo
     return False
 
 
+class Claimed(list[RawLease]):
+    """What a claim leased. `ordered`: some of the outputs are ordered, so more deliveries
+    may wait behind the heads just given (each needs the next claim after a settlement)."""
+
+    ordered = False
+
+
 async def claim(
     conn: AsyncConnection,
     *,
@@ -221,7 +259,7 @@ async def claim(
     limit: int,
     lease_ms: int,
     holder: str,
-) -> list[RawLease]:
+) -> Claimed:
     """Lease up to `limit` available deliveries of `output_ids`, oldest first.
 
     An ordered output gives at most its head: its oldest delivery not yet settled, and
@@ -230,6 +268,8 @@ async def claim(
     """
     now = models.now_ms()
     ordered = await _ordered_outputs(conn, output_ids)
+    result = Claimed()
+    result.ordered = bool(ordered)
     heads: list[str] = []
     for output_id in sorted(ordered):
         if len(heads) == limit:
@@ -246,26 +286,24 @@ async def claim(
     free = [output_id for output_id in output_ids if output_id not in ordered]
     chosen = heads + await _oldest_available(conn, free, now, limit - len(heads))
     if not chosen:
-        return []
+        return result
     claimed = (
         await conn.execute(
             D.update()
             .where(D.c.id.in_(chosen), D.c.state == models.DeliveryState.PENDING)
             .values(
-                state=models.DeliveryState.LEASED,
-                attempts=D.c.attempts + 1,
-                leased_at=now,
-                lease_expires_at=now + lease_ms,
-                leased_by=holder,
-                first_attempt_at=sa.func.coalesce(D.c.first_attempt_at, now),
-                updated_at=now,
+                {
+                    **_leased_values(now, lease_ms, holder),
+                    "attempts": D.c.attempts + 1,
+                    "first_attempt_at": sa.func.coalesce(D.c.first_attempt_at, now),
+                }
             )
             .returning(D.c.id, D.c.attempts, D.c.event_id, D.c.output_id, D.c.replay)
         )
     ).all()
-    if not claimed:
-        return []
-    return await _with_events(conn, claimed, now + lease_ms)
+    if claimed:
+        result += await _with_events(conn, claimed, now + lease_ms)
+    return result
 
 
 async def _oldest_available(

@@ -39,6 +39,13 @@ class StoreStatus:
     database_files: dict[str, int]  # SQLite: path -> bytes (main file, -wal, -shm)
 
 
+class Leases(list[models.Lease]):
+    """What `lease` gave. `ordered`: some of the outputs are ordered, so more deliveries
+    may wait behind the heads given (None: not known, no claim was made)."""
+
+    ordered: bool | None = None
+
+
 class SqlStore:
     def __init__(
         self,
@@ -79,13 +86,23 @@ class SqlStore:
 
     # ---- the delivery path -------------------------------------------------------
 
-    async def ingest(self, event: models.IncomingEvent) -> str | None:
-        """Store the event sealed, with one PENDING delivery per output; returns after commit.
+    async def ingest(
+        self, event: models.IncomingEvent, offer: models.Offer | None = None
+    ) -> str | None:
+        """Store the event sealed, with one delivery per output; returns after commit.
 
+        Each delivery is PENDING, or with `offer` (the hub's), LEASED straight to an agent
+        that had a free place for it, and given to that agent after the commit.
         Returns None, or the id of the earlier event this one duplicates (nothing stored).
         errors.Replay if the event's signature nonce was seen before (nothing stored).
         """
         policy = event.route.bucket.policy
+        slots: dict[str, models.Slot] = {}
+        if offer is not None and not policy.ephemeral:
+            for output_id in event.route.output_ids:
+                slot = offer(output_id)
+                if slot is not None:
+                    slots[output_id] = slot
         new = queue.NewEvent(
             row=ephemeral.held_row(self.keyring, self.payloads, event)
             if policy.ephemeral
@@ -94,6 +111,7 @@ class SqlStore:
             dedup_key=models.dedup_key(policy.dedup_headers, event.headers),
             dedup_window_ms=policy.dedup_window_ms,
             nonce=event.nonce,
+            slots={output_id: (s.holder, s.lease_ms) for output_id, s in slots.items()},
         )
         stored = False
         try:
@@ -101,7 +119,12 @@ class SqlStore:
                 "ingest", queue.insert_events, new
             )
             stored = result.stored
+            for output_id, delivery_id, deadline_ms in result.leased:
+                slot = slots.pop(output_id)
+                slot.give(_handed(event, slot, delivery_id, deadline_ms))
         finally:
+            for slot in slots.values():  # not used: a duplicate, an ordered output, a failure
+                slot.cancel()
             if policy.ephemeral and not stored:
                 self.payloads.drop([event.id])
         if result.replay:
@@ -116,13 +139,13 @@ class SqlStore:
         lease_ms: int,
         holder: str,
         check_first: bool = False,
-    ) -> list[models.Lease]:
+    ) -> Leases:
         """Lease up to `limit` deliveries, oldest first. With `check_first`, look with a
         read before taking the write path (for idle polling)."""
         if check_first:
             async with self.db.read() as conn:
                 if not await queue.has_available(conn, output_ids):
-                    return []
+                    return Leases()
         raw = await self.db.write(
             functools.partial(
                 queue.claim, output_ids=output_ids, limit=limit, lease_ms=lease_ms, holder=holder
@@ -132,7 +155,9 @@ class SqlStore:
         lost = [(item.delivery_id, item.attempt) for item, lease in opened if lease is None]
         if lost:
             await self.db.write(functools.partial(ephemeral.payloads_lost, leases=lost))
-        return [lease for _, lease in opened if lease is not None]
+        leases = Leases(lease for _, lease in opened if lease is not None)
+        leases.ordered = raw.ordered
+        return leases
 
     def _open_lease(self, item: queue.RawLease) -> models.Lease | None:
         """The lease with its payload opened; None for an ephemeral one no longer held."""
@@ -520,3 +545,27 @@ class SqlStore:
         """
         sweep = sweep if sweep is not None else retention.Sweep()
         return await retention.clean(self.db, sweep, now=models.now_ms(), limit=limit)
+
+
+def _handed(
+    event: models.IncomingEvent, slot: models.Slot, delivery_id: str, deadline_ms: int
+) -> models.Lease:
+    """The first lease of a delivery written LEASED at ingest, from the event in hand."""
+    return models.Lease(
+        lease_id=models.format_lease_id(delivery_id, 1),
+        delivery_id=delivery_id,
+        attempt=1,
+        deadline=models.from_ms(deadline_ms),
+        event_id=event.id,
+        bucket=slot.bucket,
+        output=slot.output,
+        input_id=event.route.input.id,
+        method=event.method,
+        path=event.path,
+        query=event.query,
+        headers=event.headers,
+        body=event.body,
+        received_at=models.from_ms(models.to_ms(event.received_at)),  # as stored
+        replay=False,
+        caller_waits_until=event.caller_waits_until,
+    )
