@@ -267,7 +267,8 @@ async def claim(
     so a dead-lettered event never blocks the next.
     """
     now = models.now_ms()
-    ordered = await _ordered_outputs(conn, output_ids)
+    names: dict[str, str] = {}
+    ordered = await _ordered_outputs(conn, output_ids, names)
     result = Claimed()
     result.ordered = bool(ordered)
     heads: list[str] = []
@@ -302,7 +303,7 @@ async def claim(
         )
     ).all()
     if claimed:
-        result += await _with_events(conn, claimed, now + lease_ms)
+        result += await _with_events(conn, claimed, now + lease_ms, names)
     return result
 
 
@@ -346,13 +347,21 @@ def _available(output_ids: Sequence[str], now: int) -> sa.Select[tuple[str]]:
     )
 
 
-async def _ordered_outputs(conn: AsyncConnection, output_ids: Sequence[str]) -> set[str]:
-    rows = await conn.scalars(
-        sa.select(tables.outputs.c.id).where(
-            tables.outputs.c.id.in_(output_ids), tables.outputs.c.ordered.is_(True)
-        )
+async def _ordered_outputs(
+    conn: AsyncConnection, output_ids: Sequence[str], names: dict[str, str] | None = None
+) -> set[str]:
+    """Which of `output_ids` are ordered; fills `names` (output id -> name) on the way."""
+    O = tables.outputs
+    rows = await conn.execute(
+        sa.select(O.c.id, O.c.name, O.c.ordered).where(O.c.id.in_(output_ids))
     )
-    return set(rows)
+    ordered: set[str] = set()
+    for output_id, name, is_ordered in rows:
+        if names is not None:
+            names[output_id] = name
+        if is_ordered:
+            ordered.add(output_id)
+    return ordered
 
 
 async def _ordered_head(conn: AsyncConnection, output_id: str, now: int) -> str | None:
@@ -371,7 +380,10 @@ async def _ordered_head(conn: AsyncConnection, output_id: str, now: int) -> str 
 
 
 async def _with_events(
-    conn: AsyncConnection, claimed: Sequence[sa.Row[tuple[object, ...]]], deadline: int
+    conn: AsyncConnection,
+    claimed: Sequence[sa.Row[tuple[object, ...]]],
+    deadline: int,
+    output_names: dict[str, str],
 ) -> list[RawLease]:
     event_ids = {row.event_id for row in claimed}
     rows = (
@@ -382,15 +394,6 @@ async def _with_events(
         )
     ).all()
     by_id = {row.id: row for row in rows}
-    output_names = dict(
-        (
-            await conn.execute(
-                sa.select(tables.outputs.c.id, tables.outputs.c.name).where(
-                    tables.outputs.c.id.in_({row.output_id for row in claimed})
-                )
-            )
-        ).all()
-    )
     leases = [
         RawLease(
             delivery_id=row.id,
