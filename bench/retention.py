@@ -63,7 +63,7 @@ CLEANER_INTERVAL = "500ms"
 CYCLE_BUCKET = "many0"  # the fill/expire cycles run in a bucket the ingest load never touches
 POLL_S = 0.25
 DRAIN_TIMEOUT_S = 300.0  # the cleaner must delete what expired within this
-AUTOVACUUM_WAIT_S = 150.0  # how long a cycle waits for autovacuum before vacuuming itself
+AUTOVACUUM_WAIT_S = 90.0  # how long a cycle waits for autovacuum before vacuuming itself
 TABLES = ("events", "deliveries", "attempts")
 
 
@@ -76,7 +76,7 @@ class Sizes:
     cycles: int
 
 
-FULL = Sizes(backlog=100_000, window_s=10.0, rounds=3, cycle_events=20_000, cycles=4)
+FULL = Sizes(backlog=50_000, window_s=10.0, rounds=2, cycle_events=10_000, cycles=3)
 QUICK = Sizes(backlog=10_000, window_s=2.5, rounds=2, cycle_events=6_000, cycles=3)
 
 
