@@ -351,9 +351,11 @@ async def _ordered_outputs(
     conn: AsyncConnection, output_ids: Sequence[str], names: dict[str, str] | None = None
 ) -> set[str]:
     """Which of `output_ids` are ordered; fills `names` (output id -> name) on the way."""
-    O = tables.outputs
+    outputs = tables.outputs
     rows = await conn.execute(
-        sa.select(O.c.id, O.c.name, O.c.ordered).where(O.c.id.in_(output_ids))
+        sa.select(outputs.c.id, outputs.c.name, outputs.c.ordered).where(
+            outputs.c.id.in_(output_ids)
+        )
     )
     ordered: set[str] = set()
     for output_id, name, is_ordered in rows:
