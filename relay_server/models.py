@@ -27,7 +27,7 @@ class Outcome(enum.StrEnum):
     REJECT = "reject"  # poison: straight to DEAD
     LEASE_EXPIRED = "lease_expired"  # the agent neither settled nor extended in time
     DISCONNECTED = "disconnected"  # the agent's stream ended while it held the lease
-    RELEASED = "released"  # the server shut down and handed the lease back
+    RELEASED = "released"  # the server handed the lease back (shutting down, or unpushed)
 
 
 class OutputKind(enum.StrEnum):

@@ -121,7 +121,9 @@ class AgentSession:
 
     def _given(self, lease: models.Lease) -> None:
         self._reserved -= 1
-        if self._closed:  # the stream ended while the event was being committed
+        # While the event was being committed, the stream ended or the agent lowered its
+        # credit (a Credit frame promises no lease is pushed after it): hand it back.
+        if self._closed or self._stopping.is_set() or len(self.held) >= self.credit:
             _in_background(self._hand_back(lease), f"session-hand-back-{self.session_id}")
             return
         self.held[lease.lease_id] = models.to_ms(lease.deadline)
@@ -135,8 +137,9 @@ class AgentSession:
     async def _hand_back(self, lease: models.Lease) -> None:
         release = models.Settlement(
             lease_id=lease.lease_id,
-            outcome=models.Outcome.DISCONNECTED,
-            reason="agent stream ended while holding the lease",
+            outcome=models.Outcome.RELEASED,
+            retry_after_ms=0,
+            reason="handed back: the agent's stream ended or its credit fell",
         )
         try:
             await self._store.settle([release], agent=self.agent)

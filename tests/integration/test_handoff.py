@@ -165,3 +165,33 @@ async def test_a_lease_given_after_its_stream_ended_goes_back_to_the_queue(
         await asyncio.sleep(0.02)
     assert [(item.event_id, item.attempt) for item in taken] == [(event.id, 2)]
     assert agent.held == {}
+
+
+async def test_a_lease_given_after_the_agent_lowered_its_credit_is_not_pushed(
+    installed: Installation,
+) -> None:
+    """Credit{0} promises the agent no more leases: one committed meanwhile goes back."""
+    store = installed.store
+    output_id = installed.route.output_ids[0]
+    agent = session.AgentSession(
+        session_id="s1",
+        agent="key/agent-a",
+        store=store,
+        hub=hub_mod.Hub(),
+        outputs={"orders": output_id},
+        credit=4,
+        settings=settings.DispatchSettings(),
+    )
+    agent._caught_up = True
+    slot = agent.offer(output_id)
+    agent.credit = 0  # a Credit{0} frame read while the event commits
+
+    event = incoming(installed)
+    await store.ingest(event, lambda _: slot)
+
+    assert agent.held == {} and agent._handed == []
+    for _ in range(100):
+        if (taken := await lease(store, installed)) != []:
+            break
+        await asyncio.sleep(0.02)
+    assert [(item.event_id, item.attempt) for item in taken] == [(event.id, 2)]
