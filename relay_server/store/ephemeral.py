@@ -115,7 +115,7 @@ async def forget_settled(
         async with db.read() as conn:
             active = await conn.scalars(
                 sa.select(D.c.event_id)
-                .where(D.c.event_id.in_(held), D.c.state.in_(queue.ACTIVE_STATES))
+                .where(D.c.event_id.in_(held), queue.row_state(*queue.ACTIVE_STATES))
                 .distinct()
             )
             done = held - set(active)

@@ -291,7 +291,7 @@ async def claim(
     claimed = (
         await conn.execute(
             D.update()
-            .where(D.c.id.in_(chosen), D.c.state == models.DeliveryState.PENDING)
+            .where(D.c.id.in_(chosen), row_state(models.DeliveryState.PENDING))
             .values(
                 {
                     **_leased_values(now, lease_ms, holder),
@@ -412,6 +412,18 @@ async def _with_events(
     return leases
 
 
+def row_state(*states: models.DeliveryState) -> sa.ColumnElement[bool]:
+    """The state is one of `states`, checked on rows found otherwise (by id, by event),
+    never searched through an index on state.
+
+    With an id IN (...) list and no statistics, SQLite's planner prefers the index on
+    state to the primary key, and then visits every pending delivery: a claim of 64
+    took 24 ms with 200k pending, 0.1 ms by primary key.
+    """
+    unindexed = sa.func.coalesce(D.c.state, "")
+    return unindexed == states[0] if len(states) == 1 else unindexed.in_(states)
+
+
 def _fenced(delivery_id: str, attempt: int) -> sa.ColumnElement[bool]:
     return sa.and_(
         D.c.id == delivery_id,
@@ -463,8 +475,9 @@ async def _ack_all(
         await conn.execute(
             D.update()
             .where(
+                D.c.id.in_([delivery_id for delivery_id, _ in acks]),  # by primary key
                 sa.tuple_(D.c.id, D.c.attempts).in_(list(acks)),
-                D.c.state == models.DeliveryState.LEASED,
+                row_state(models.DeliveryState.LEASED),
             )
             .values(
                 state=models.DeliveryState.DELIVERED,
