@@ -100,6 +100,11 @@ class AgentSession:
         self._ordered = False  # some of the outputs are ordered (as the last claim saw)
         self._closed = False  # unregistered: leases given from now on are handed back
 
+    @property
+    def _batch(self) -> int:
+        """Free places worth a claim while a backlog waits."""
+        return max(1, self.credit // 4)
+
     def _has_credit(self) -> bool:
         return self.credit > len(self.held) + self._reserved
 
@@ -195,7 +200,11 @@ class AgentSession:
             leases: list[models.Lease] = []
             # Woken only by credit coming back, a caught-up session has nothing to claim:
             # new events come with news (or are given to it). The poll still looks.
-            if free > 0 and (self._wake.news or not woken or not self._caught_up):
+            # Behind a backlog, ACKs trickle in one or two at a time: claiming for each
+            # would make many tiny claim transactions. Claim once a quarter of the
+            # window is free (or nothing is in flight, or the poll comes round).
+            gathering = woken and not self._caught_up and self.held and free < self._batch
+            if free > 0 and not gathering and (self._wake.news or not woken or not self._caught_up):
                 polled = not woken and not self._wake.news
                 self._wake.news = False
                 leases = await self._lease(free, polled=polled)

@@ -47,7 +47,8 @@ def full_searches(path: str, statements: list[tuple[str, Any]]) -> list[str]:
             if "deliveries" not in statement or statement.startswith(("BEGIN", "COMMIT")):
                 continue
             for *_, detail in db.execute("EXPLAIN QUERY PLAN " + statement, params or ()):
-                if detail.startswith("SCAN deliveries") or "ix_deliveries_lease (state=?)" in detail:
+                by_state = "ix_deliveries_lease (state=?)" in detail
+                if detail.startswith("SCAN deliveries") or by_state:
                     bad.append(f"{detail}: {statement.split(chr(10))[0]}")
     return bad
 
