@@ -7,6 +7,7 @@ Functions here run inside a write transaction handed in by `Database.write`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Mapping, Sequence
@@ -412,6 +413,25 @@ async def _with_events(
     return leases
 
 
+async def _lock_in_order(conn: AsyncConnection, lease_ids: Sequence[str]) -> None:
+    """PostgreSQL: lock the deliveries a settlement or extension batch touches, in id order.
+
+    Batches reach the same rows in different orders (an ACK batch by index, an extend
+    frame as the agent listed it, the reaper by deadline); two holding each other's rows
+    was a deadlock that lost a whole batch. Taking every row first in one order cannot
+    deadlock with another batch doing the same.
+    """
+    if conn.dialect.name != "postgresql" or len(lease_ids) < 2:
+        return
+    delivery_ids = set()
+    for lease_id in lease_ids:
+        with contextlib.suppress(ValueError):  # malformed ids are reported lost later
+            delivery_ids.add(models.parse_lease_id(lease_id)[0])
+    await conn.execute(
+        sa.select(D.c.id).where(D.c.id.in_(sorted(delivery_ids))).order_by(D.c.id).with_for_update()
+    )
+
+
 def row_state(*states: models.DeliveryState) -> sa.ColumnElement[bool]:
     """The state is one of `states`, checked on rows found otherwise (by id, by event),
     never searched through an index on state.
@@ -440,6 +460,7 @@ async def settle(
     base_policy: retry.RetryPolicy,
 ) -> list[str]:
     """Apply agent verdicts; returns the lease ids that were no longer held."""
+    await _lock_in_order(conn, [item.lease_id for item in settlements])
     lost: list[str] = []
     acks: dict[tuple[str, int], str] = {}
     for item in settlements:
@@ -606,6 +627,7 @@ async def extend(conn: AsyncConnection, lease_ids: Sequence[str], extend_ms: int
     """Move lease deadlines to now + extend_ms; returns the lease ids no longer held."""
     lost = []
     deadline = models.now_ms() + extend_ms
+    await _lock_in_order(conn, lease_ids)
     for lease_id in lease_ids:
         try:
             delivery_id, attempt = models.parse_lease_id(lease_id)
@@ -621,13 +643,20 @@ async def extend(conn: AsyncConnection, lease_ids: Sequence[str], extend_ms: int
 
 
 async def expired_leases(conn: AsyncConnection, limit: int) -> list[str]:
+    """The oldest leases past their deadline. On PostgreSQL they are locked here, at
+    once, skipping any an ACK is settling right now: the reaper then never waits for a
+    row an ACK holds while the ACK waits for one it holds (a deadlock that lost the
+    whole ACK batch when the two met)."""
     now = models.now_ms()
-    rows = await conn.execute(
+    query = (
         sa.select(D.c.id, D.c.attempts)
         .where(D.c.state == models.DeliveryState.LEASED, D.c.lease_expires_at < now)
         .order_by(D.c.lease_expires_at)
         .limit(limit)
     )
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    rows = await conn.execute(query)
     return [models.format_lease_id(row.id, row.attempts) for row in rows]
 
 
