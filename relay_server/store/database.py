@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pathlib
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -109,6 +110,9 @@ def translate(exc: BaseException) -> errors.StorageError:
 # ready, e.g. a database not accepting connections (55), operator intervention: shutdown,
 # restart, statement timeout (57), and I/O errors (58).
 UNAVAILABLE_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "55", "57", "58"})
+CONFLICT_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock, serialization failure
+CONFLICT_TRIES = 3  # a write rolled back for a conflict runs this often at most
+CONFLICT_DELAY_S = 0.02  # times the try number: a random pause before running it again
 
 
 def _is_unavailable(exc: BaseException) -> bool:
@@ -131,6 +135,18 @@ def _is_unavailable(exc: BaseException) -> bool:
         if isinstance(sqlstate, str) and sqlstate[:2] in UNAVAILABLE_SQLSTATE_CLASSES:
             return True
         if _is_asyncpg_client_error(current):
+            return True
+        current = getattr(current, "orig", None) or current.__cause__
+    return False
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    """A deadlock (40P01) or serialization failure (40001): the same write may succeed."""
+    current: BaseException | None = exc
+    for _ in range(8):
+        if current is None:
+            return False
+        if getattr(current, "sqlstate", None) in CONFLICT_SQLSTATES:
             return True
         current = getattr(current, "orig", None) or current.__cause__
     return False
@@ -290,13 +306,21 @@ class Database:
             raise
 
     async def _write_alone(self, op: WriteOp[T]) -> T:
-        try:
-            async with self._using(), self.engine.begin() as conn:
-                return await op(conn)
-        except Exception as exc:
-            if _is_driver_error(exc):
+        for attempt in range(1, CONFLICT_TRIES + 1):
+            try:
+                async with self._using(), self.engine.begin() as conn:
+                    return await op(conn)
+            except Exception as exc:
+                if not _is_driver_error(exc):
+                    raise
+                if attempt < CONFLICT_TRIES and _is_conflict(exc):
+                    # PostgreSQL rolled the transaction back for a deadlock or a
+                    # serialization failure: nothing of it stands, so run it again.
+                    log.info("write_retried", attempt=attempt, error=str(exc.__cause__ or exc))
+                    await asyncio.sleep(random.uniform(0, CONFLICT_DELAY_S * attempt))
+                    continue
                 raise translate(exc) from exc
-            raise
+        raise AssertionError("unreachable")  # the last attempt returned or raised
 
     @contextlib.asynccontextmanager
     async def _using(self) -> AsyncIterator[None]:

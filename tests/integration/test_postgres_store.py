@@ -6,7 +6,11 @@ conftest.py); these tests need a PostgreSQL server to cut off.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relay_server import crypto, errors
 from relay_server.store import database
@@ -61,3 +65,28 @@ async def test_every_postgresql_url_form_reaches_the_same_database(
         account = await store.create_account("by-url")
     async with opened_store(database_url, keyring) as store:
         assert account in await store.list_accounts()
+
+
+@pytest.mark.parametrize("engine", ["postgres"])
+async def test_two_writes_that_deadlock_both_commit(
+    database_url: str, keyring: crypto.KeyRing
+) -> None:
+    """PostgreSQL rolls one of two deadlocked transactions back; the relay runs it again
+    instead of failing it (an ACK batch so failed was lost and its events redelivered)."""
+    holding = {1: asyncio.Event(), 2: asyncio.Event()}
+
+    def crossing(first: int, second: int) -> database.WriteOp[int]:
+        async def op(conn: AsyncConnection) -> int:
+            await conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({first})"))
+            holding[first].set()
+            await holding[second].wait()  # both hold one lock: each now waits for the other
+            await conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({second})"))
+            return first
+
+        return op
+
+    async with opened_store(database_url, keyring) as store:
+        done = await asyncio.wait_for(
+            asyncio.gather(store.db.write(crossing(1, 2)), store.db.write(crossing(2, 1))), 30
+        )
+    assert sorted(done) == [1, 2]
