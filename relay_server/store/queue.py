@@ -74,6 +74,12 @@ def new_delivery_row(event_id: str, output_id: str, now: int, *, replay: bool) -
         "replay": replay,
         "created_at": now,
         "updated_at": now,
+        # Every row names the same columns: one insert carries PENDING rows and rows
+        # leased at ingest (slots) together.
+        "leased_at": None,
+        "lease_expires_at": None,
+        "leased_by": None,
+        "first_attempt_at": None,
     }
 
 

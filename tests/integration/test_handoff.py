@@ -78,6 +78,26 @@ async def test_a_new_event_is_given_to_the_agent_with_a_place_and_leased_to_it(
     assert [row.state for row in await delivery_rows(installed)] == ["delivered"]
 
 
+async def test_events_committed_together_some_given_some_pending_are_all_stored(
+    installed: Installation,
+) -> None:
+    """One group commit carries deliveries leased at ingest and PENDING ones side by side
+    (it once failed the whole group with 503s when they did)."""
+    store, places = installed.store, Places(free=3)
+    events = [incoming(installed, f"event {n}".encode()) for n in range(12)]
+
+    results = await asyncio.gather(*(store.ingest(e, places.offer) for e in events))
+
+    assert results == [None] * 12
+    assert len(places.given) == 3 and places.cancelled == 0
+    states = sorted(row.state for row in await delivery_rows(installed))
+    assert states == ["leased"] * 3 + ["pending"] * 9
+    claimed = await lease(store, installed, limit=20)
+    assert {c.event_id for c in claimed} | {g.event_id for g in places.given} == {
+        e.id for e in events
+    }
+
+
 async def test_a_given_lease_nacked_is_retried_like_any_other(installed: Installation) -> None:
     store, places = installed.store, Places()
     await store.ingest(incoming(installed), places.offer)
