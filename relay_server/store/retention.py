@@ -147,23 +147,31 @@ async def _expired(conn: AsyncConnection, *, table: sa.Table, now: int, limit: i
 
 async def clean_dead_letters(db: database.Database, sweep: Sweep, *, limit: int) -> int:
     """DEAD deliveries past their bucket's DLQ retention (with their attempts), every output."""
-    async with db.read() as conn:
-        output_ids = set(await conn.scalars(sa.select(OUT.c.id)))
-    sweep.dead_letters = {k: v for k, v in sweep.dead_letters.items() if k in output_ids}
-    deleted = 0
-    for output_id in output_ids:
-        deleted += await _walk(db, sweep, old_dead_letters, sweep.dead_letters, output_id, limit)
-    return deleted
+    return await _walk_each(db, sweep, OUT.c.id, old_dead_letters, sweep.dead_letters, limit)
 
 
 async def clean_events(db: database.Database, sweep: Sweep, *, limit: int) -> int:
     """Events past their bucket's retention with nothing left to deliver or inspect."""
+    return await _walk_each(db, sweep, B.c.id, old_events, sweep.events, limit)
+
+
+async def _walk_each(
+    db: database.Database,
+    sweep: Sweep,
+    owners: sa.Column[str],
+    step: Callable[..., Awaitable[Window[Position] | None]],
+    positions: dict[str, Position],
+    limit: int,
+) -> int:
+    """`_walk` for every owner (each bucket, or each output) there is now; positions of
+    owners deleted since are forgotten."""
     async with db.read() as conn:
-        bucket_ids = set(await conn.scalars(sa.select(B.c.id)))
-    sweep.events = {k: v for k, v in sweep.events.items() if k in bucket_ids}
+        owner_ids = set(await conn.scalars(sa.select(owners)))
+    for gone in positions.keys() - owner_ids:
+        del positions[gone]
     deleted = 0
-    for bucket_id in bucket_ids:
-        deleted += await _walk(db, sweep, old_events, sweep.events, bucket_id, limit)
+    for owner_id in owner_ids:
+        deleted += await _walk(db, sweep, step, positions, owner_id, limit)
     return deleted
 
 
