@@ -12,7 +12,7 @@ import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -23,6 +23,7 @@ from relay_server import crypto, ids, models, retry
 from relay_server.store import replicas, tables
 
 D = tables.deliveries
+_T = TypeVar("_T")
 E = tables.events
 
 ACTIVE_STATES = (models.DeliveryState.PENDING, models.DeliveryState.LEASED)
@@ -252,11 +253,13 @@ async def has_available(conn: AsyncConnection, output_ids: Sequence[str]) -> boo
     return False
 
 
-class Claimed(list[RawLease]):
-    """What a claim leased. `ordered`: some of the outputs are ordered, so more deliveries
-    may wait behind the heads just given (each needs the next claim after a settlement)."""
+class Claimed(list[_T]):
+    """What a claim leased (RawLease here, models.Lease once opened by the store).
+    `ordered`: some of the outputs are ordered, so more deliveries may wait behind the
+    heads just given (each needs the next claim after a settlement); None: not known,
+    no claim was made."""
 
-    ordered = False
+    ordered: bool | None = None
 
 
 async def claim(
@@ -266,7 +269,7 @@ async def claim(
     limit: int,
     lease_ms: int,
     holder: str,
-) -> Claimed:
+) -> Claimed[RawLease]:
     """Lease up to `limit` available deliveries of `output_ids`, oldest first.
 
     An ordered output gives at most its head: its oldest delivery not yet settled, and
@@ -276,7 +279,7 @@ async def claim(
     now = models.now_ms()
     names: dict[str, str] = {}
     ordered = await _ordered_outputs(conn, output_ids, names)
-    result = Claimed()
+    result: Claimed[RawLease] = Claimed()
     result.ordered = bool(ordered)
     heads: list[str] = []
     for output_id in sorted(ordered):

@@ -39,13 +39,6 @@ class StoreStatus:
     database_files: dict[str, int]  # SQLite: path -> bytes (main file, -wal, -shm)
 
 
-class Leases(list[models.Lease]):
-    """What `lease` gave. `ordered`: some of the outputs are ordered, so more deliveries
-    may wait behind the heads given (None: not known, no claim was made)."""
-
-    ordered: bool | None = None
-
-
 class SqlStore:
     def __init__(
         self,
@@ -139,13 +132,13 @@ class SqlStore:
         lease_ms: int,
         holder: str,
         check_first: bool = False,
-    ) -> Leases:
+    ) -> queue.Claimed[models.Lease]:
         """Lease up to `limit` deliveries, oldest first. With `check_first`, look with a
         read before taking the write path (for idle polling)."""
         if check_first:
             async with self.db.read() as conn:
                 if not await queue.has_available(conn, output_ids):
-                    return Leases()
+                    return queue.Claimed()
         raw = await self.db.write(
             functools.partial(
                 queue.claim, output_ids=output_ids, limit=limit, lease_ms=lease_ms, holder=holder
@@ -155,7 +148,7 @@ class SqlStore:
         lost = [(item.delivery_id, item.attempt) for item, lease in opened if lease is None]
         if lost:
             await self.db.write(functools.partial(ephemeral.payloads_lost, leases=lost))
-        leases = Leases(lease for _, lease in opened if lease is not None)
+        leases = queue.Claimed(lease for _, lease in opened if lease is not None)
         leases.ordered = raw.ordered
         return leases
 
