@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import pathlib
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -123,10 +123,7 @@ def _is_unavailable(exc: BaseException) -> bool:
     """
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return True
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in seen and len(seen) < 8:
-        seen.append(current)
+    for current in _chain(exc):
         if isinstance(current, (sa_exc.OperationalError, sa_exc.InterfaceError, OSError)):
             return True
         if isinstance(current, sa_exc.TimeoutError):  # no pooled connection came free
@@ -136,20 +133,22 @@ def _is_unavailable(exc: BaseException) -> bool:
             return True
         if _is_asyncpg_client_error(current):
             return True
-        current = getattr(current, "orig", None) or current.__cause__
     return False
 
 
 def _is_conflict(exc: BaseException) -> bool:
     """A deadlock (40P01) or serialization failure (40001): the same write may succeed."""
+    return any(getattr(e, "sqlstate", None) in CONFLICT_SQLSTATES for e in _chain(exc))
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then what it wraps (SQLAlchemy's `orig`, else `__cause__`), 8 deep at most."""
+    seen: list[BaseException] = []
     current: BaseException | None = exc
-    for _ in range(8):
-        if current is None:
-            return False
-        if getattr(current, "sqlstate", None) in CONFLICT_SQLSTATES:
-            return True
+    while current is not None and current not in seen and len(seen) < 8:
+        seen.append(current)
+        yield current
         current = getattr(current, "orig", None) or current.__cause__
-    return False
 
 
 def _is_asyncpg_client_error(exc: BaseException) -> bool:
