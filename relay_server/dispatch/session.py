@@ -146,12 +146,7 @@ class AgentSession:
             retry_after_ms=0,
             reason="handed back: the agent's stream ended or its credit fell",
         )
-        try:
-            await self._store.settle([release], agent=self.agent)
-        except errors.StorageError as exc:  # the reaper returns it when the lease runs out
-            log.warning("release_failed", count=1, error=str(exc))
-            return
-        self._hub.notify(self.outputs.values())  # another agent may take it now
+        await self._give_back([release])
 
     def stop(self) -> None:
         """The server is shutting down: end the stream and hand the leases straight back."""
@@ -400,13 +395,19 @@ class AgentSession:
             )
             for lease_id in sorted(self.held)
         ]
+        await self._give_back(settlements)
+        self.held.clear()
+
+    async def _give_back(self, settlements: list[models.Settlement]) -> None:
+        """Return leases to the queue and tell another session; if the database fails, the
+        reaper returns them when they run out."""
         try:
             await self._store.settle(settlements, agent=self.agent)
-            log.info("leases_released", count=len(settlements), outcome=str(outcome))
-            self._hub.notify(self.outputs.values())  # another agent may take them now
         except errors.StorageError as exc:
             log.warning("release_failed", count=len(settlements), error=str(exc))
-        self.held.clear()
+            return
+        log.info("leases_released", count=len(settlements), outcome=str(settlements[0].outcome))
+        self._hub.notify(self.outputs.values())  # another agent may take them now
 
 
 _BACKGROUND: set[asyncio.Task[None]] = set()
