@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import pathlib
+import random
 import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 from aiohttp import ClientError, ClientSession, ClientTimeout
@@ -38,10 +40,45 @@ def run_fast(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _listen_ports() -> Iterator[int]:
+    """Every port from 20000 up to the kernel's ephemeral range, from a random start."""
+    low, high = 20000, _ephemeral_range()[0] - 1
+    if high - low < 1000:  # the ephemeral range starts too low to leave room below it
+        low, high = _ephemeral_range()[1] + 1, 65535
+    start = random.randint(low, high)
+    return itertools.cycle([*range(start, high + 1), *range(low, start)])
+
+
+_ports = _listen_ports()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on, for a server this run starts.
+
+    Not one the kernel picks (bind to port 0): that port goes back to the ephemeral pool
+    when the probe closes, and any outgoing connection may take it before the server binds
+    it; CI saw a relay fail with "address already in use" that way. Ports outside the
+    ephemeral range are never given to outgoing connections, so only another listener can
+    hold one; each process walks them from its own random start and checks each is free.
+    """
+    for _ in range(1000):
+        port = next(_ports)
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port outside the ephemeral range")
 
 
 def rss_mib(pid: int) -> float:

@@ -21,6 +21,8 @@ from typing import Any
 
 from aiohttp import ClientSession, web
 
+from bench.procs import free_port
+
 BIN = pathlib.Path(sys.executable).parent
 FAST_RETRIES = (
     "--retry-initial",
@@ -32,12 +34,6 @@ FAST_RETRIES = (
     "--lease-ms",
     "3000",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:

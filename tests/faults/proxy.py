@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from tests.acceptance.harness import free_port
+from bench.procs import free_port
 
 CHUNK_BYTES = 64 * 1024
 # On heal, what a connection accepted during the cut sent is read until this long passes
