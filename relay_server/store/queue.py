@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
-from collections.abc import Mapping, Sequence
+import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -126,13 +128,69 @@ async def insert_events(conn: AsyncConnection, events: Sequence[NewEvent]) -> li
     if not fresh:
         return results
     await conn.execute(E.insert(), [event.row for event in fresh])
-    outputs_of: dict[str, list[tuple[str, bool]]] = {}
     rows = await conn.execute(
         sa.select(tables.outputs.c.bucket_id, tables.outputs.c.id, tables.outputs.c.ordered)
         .where(tables.outputs.c.bucket_id.in_({event.bucket_id for event in fresh}))
         .order_by(tables.outputs.c.id)
     )
-    for bucket_id, output_id, ordered in rows:
+    deliveries, waiting = _deliveries(events, results, rows, now)
+    if deliveries:
+        await conn.execute(D.insert(), deliveries)
+    if waiting:
+        await replicas.publish(conn, waiting)
+    return results
+
+
+def insert_events_sqlite(db: sqlite3.Connection, events: Sequence[NewEvent]) -> list[Ingested]:
+    """insert_events in plain sqlite3, for the SQLite writer's thread (a SqliteOp).
+
+    Same statements, same rows: the tests that store and read events on SQLite go
+    through here, those on PostgreSQL through insert_events.
+    """
+    now = models.now_ms()
+    results = [_ingested_sqlite(db, event, now) for event in events]
+    fresh = [event for event, result in zip(events, results, strict=True) if result.stored]
+    if not fresh:
+        return results
+    db.executemany(_sqlite_insert(E, fresh[0].row), [event.row for event in fresh])
+    buckets = sorted({event.bucket_id for event in fresh})
+    rows = db.execute(
+        "SELECT bucket_id, id, ordered FROM outputs"
+        f" WHERE bucket_id IN ({', '.join('?' * len(buckets))}) ORDER BY id",
+        buckets,
+    )
+    deliveries, _ = _deliveries(events, results, rows, now)  # no other replica to tell
+    if deliveries:
+        db.executemany(_sqlite_insert(D, deliveries[0]), deliveries)
+    return results
+
+
+@functools.cache
+def _sqlite_insert_sql(table: str, columns: tuple[str, ...]) -> str:
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)})"
+        f" VALUES ({', '.join(':' + column for column in columns)})"
+    )
+
+
+def _sqlite_insert(table: sa.Table, row: Mapping[str, object]) -> str:
+    """INSERT of `row`'s columns (named parameters): every row of a batch names the same."""
+    columns = tuple(row)
+    assert all(column in table.c for column in columns), columns
+    return _sqlite_insert_sql(table.name, columns)
+
+
+def _deliveries(
+    events: Sequence[NewEvent],
+    results: list[Ingested],
+    outputs: Iterable[Sequence[Any]],
+    now: int,
+) -> tuple[list[dict[str, object]], set[str]]:
+    """The delivery rows of the stored events, one per output of their bucket, and the
+    outputs that got a PENDING one. A delivery an agent has a slot for (and its output
+    is not ordered) is written LEASED to it; `results` records those leases."""
+    outputs_of: dict[str, list[tuple[str, bool]]] = {}
+    for bucket_id, output_id, ordered in outputs:
         outputs_of.setdefault(bucket_id, []).append((output_id, bool(ordered)))
     deliveries: list[dict[str, object]] = []
     waiting: set[str] = set()  # outputs with a new PENDING delivery: other replicas look
@@ -152,11 +210,7 @@ async def insert_events(conn: AsyncConnection, events: Sequence[NewEvent]) -> li
             deliveries.append(row)
         if leased:
             results[index] = dataclasses.replace(results[index], leased=tuple(leased))
-    if deliveries:
-        await conn.execute(D.insert(), deliveries)
-    if waiting:
-        await replicas.publish(conn, waiting)
-    return results
+    return deliveries, waiting
 
 
 def _leased_values(now: int, lease_ms: int, holder: str) -> dict[str, object]:
@@ -225,6 +279,35 @@ async def _claim_dedup_key(conn: AsyncConnection, event: NewEvent, now: int) -> 
         sa.select(K.c.event_id).where(K.c.bucket_id == event.bucket_id, K.c.key == event.dedup_key)
     )
     return str(original)
+
+
+def _ingested_sqlite(db: sqlite3.Connection, event: NewEvent, now: int) -> Ingested:
+    """_ingested in plain sqlite3: the same two upserts as _claim_nonce and _claim_dedup_key."""
+    if event.nonce is not None:
+        claimed = db.execute(
+            "INSERT INTO seen_nonces (input_id, nonce, expires_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (input_id, nonce) DO UPDATE SET expires_at = excluded.expires_at"
+            " WHERE seen_nonces.expires_at <= ? RETURNING nonce",
+            (event.row["input_id"], event.nonce.value, event.nonce.expires_at_ms, now),
+        ).fetchall()
+        if not claimed:
+            return Ingested(replay=True)
+    if event.dedup_key is None:
+        return Ingested()
+    key = (event.bucket_id, event.dedup_key)
+    claimed = db.execute(
+        "INSERT INTO dedup_keys (bucket_id, key, event_id, expires_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (bucket_id, key) DO UPDATE"
+        " SET event_id = excluded.event_id, expires_at = excluded.expires_at"
+        " WHERE dedup_keys.expires_at <= ? RETURNING event_id",
+        (*key, event.row["id"], now + event.dedup_window_ms, now),
+    ).fetchall()
+    if claimed:
+        return Ingested()
+    (original,) = db.execute(
+        "SELECT event_id FROM dedup_keys WHERE bucket_id = ? AND key = ?", key
+    ).fetchone()
+    return Ingested(duplicate_of=str(original))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

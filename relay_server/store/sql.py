@@ -109,7 +109,7 @@ class SqlStore:
         stored = False
         try:
             result: queue.Ingested = await self.db.write_coalesced(
-                "ingest", queue.insert_events, new
+                "ingest", queue.insert_events, new, sqlite_many=queue.insert_events_sqlite
             )
             stored = result.stored
             for output_id, delivery_id, deadline_ms in result.leased:

@@ -145,7 +145,7 @@ async def test_a_failed_write_returns_the_place(
 ) -> None:
     store, places = installed.store, Places()
 
-    async def unavailable(*args: object) -> object:
+    async def unavailable(*args: object, **kwargs: object) -> object:
         raise errors.StorageUnavailable("database is gone")
 
     monkeypatch.setattr(store.db, "write_coalesced", unavailable)
