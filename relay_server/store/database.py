@@ -38,12 +38,12 @@ WriteOp = Callable[[AsyncConnection], Awaitable[T]]
 
 @dataclass(frozen=True, slots=True)
 class SqliteOp:
-    """A write in plain sqlite3, for the SQLite writer: `prepare` runs on the event loop
-    just before, and `run(connection, prepared)` in the driver's thread, inside the
-    group's transaction. Its sqlite3 errors reach callers as SQLAlchemy's would."""
+    """A write in plain sqlite3, for the SQLite writer. `prepare` runs on the event loop
+    just before the group's transaction and returns the function to run in the driver's
+    thread, inside that transaction, with the sqlite3 connection. Its sqlite3 errors
+    reach callers as SQLAlchemy's would."""
 
-    prepare: Callable[[], Any]
-    run: Callable[[sqlite3.Connection, Any], Any]
+    prepare: Callable[[], Callable[[sqlite3.Connection], Any]]
 
 
 Op = WriteOp[Any] | SqliteOp
@@ -244,13 +244,16 @@ class Database:
                 raise translate(exc) from exc
             raise
 
-    async def write(self, op: WriteOp[T]) -> T:
-        """Run `op` in a write transaction; returns after the commit."""
+    async def write(
+        self, op: WriteOp[T], *, sqlite: Callable[[sqlite3.Connection], T] | None = None
+    ) -> T:
+        """Run `op` in a write transaction; returns after the commit. `sqlite`, the same
+        in plain sqlite3, is run instead on SQLite (a SqliteOp)."""
         if self._closed:
             raise errors.StorageUnavailable("database is closed")
         if self._writer is None:
             return await self._write_alone(op)
-        result: T = await self._queued(op)
+        result: T = await self._queued(op if sqlite is None else SqliteOp(lambda: sqlite))
         return result
 
     async def _queued(self, op: Op) -> Any:
@@ -314,7 +317,13 @@ class Database:
 
         try:
             if self._writer is not None and sqlite_many is not None:
-                results = await self._queued(SqliteOp(take, sqlite_many))
+                many = sqlite_many
+
+                def prepare() -> Callable[[sqlite3.Connection], Sequence[Any]]:
+                    items = take()
+                    return lambda db: many(db, items)
+
+                results = await self._queued(SqliteOp(prepare))
             else:
                 results = await self.write(op)
         except Exception as exc:
@@ -401,14 +410,13 @@ class Database:
             conn = await self._writer_conn()
             ops = [op for op, _ in batch]
             if all(isinstance(op, SqliteOp) for op in ops):
-                prepared = [(op, op.prepare()) for op in ops if isinstance(op, SqliteOp)]
-                results = await _in_sqlite_thread(conn, _transaction, prepared)
+                runs = [op.prepare() for op in ops if isinstance(op, SqliteOp)]
+                results = await _in_sqlite_thread(conn, _transaction, runs)
             else:
                 async with conn.begin():
                     for op in ops:
                         if isinstance(op, SqliteOp):
-                            prepared_one = op.prepare()
-                            results.append(await _in_sqlite_thread(conn, op.run, prepared_one))
+                            results.append(await _in_sqlite_thread(conn, op.prepare()))
                         else:
                             results.append(await op(conn))
         except Exception as exc:
@@ -462,11 +470,13 @@ async def _in_sqlite_thread(conn: AsyncConnection, fn: Callable[..., T], *args: 
         ) from exc
 
 
-def _transaction(db: sqlite3.Connection, ops: list[tuple[SqliteOp, Any]]) -> list[Any]:
+def _transaction(
+    db: sqlite3.Connection, runs: list[Callable[[sqlite3.Connection], Any]]
+) -> list[Any]:
     """A group of SqliteOps as one transaction: BEGIN IMMEDIATE, each op, COMMIT."""
     db.execute("BEGIN IMMEDIATE")
     try:
-        results = [op.run(db, prepared) for op, prepared in ops]
+        results = [run(db) for run in runs]
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:

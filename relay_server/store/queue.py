@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
-import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -133,7 +131,7 @@ async def insert_events(conn: AsyncConnection, events: Sequence[NewEvent]) -> li
         .where(tables.outputs.c.bucket_id.in_({event.bucket_id for event in fresh}))
         .order_by(tables.outputs.c.id)
     )
-    deliveries, waiting = _deliveries(events, results, rows, now)
+    deliveries, waiting = delivery_rows(events, results, rows, now)
     if deliveries:
         await conn.execute(D.insert(), deliveries)
     if waiting:
@@ -141,46 +139,7 @@ async def insert_events(conn: AsyncConnection, events: Sequence[NewEvent]) -> li
     return results
 
 
-def insert_events_sqlite(db: sqlite3.Connection, events: Sequence[NewEvent]) -> list[Ingested]:
-    """insert_events in plain sqlite3, for the SQLite writer's thread (a SqliteOp).
-
-    Same statements, same rows: the tests that store and read events on SQLite go
-    through here, those on PostgreSQL through insert_events.
-    """
-    now = models.now_ms()
-    results = [_ingested_sqlite(db, event, now) for event in events]
-    fresh = [event for event, result in zip(events, results, strict=True) if result.stored]
-    if not fresh:
-        return results
-    db.executemany(_sqlite_insert(E, fresh[0].row), [event.row for event in fresh])
-    buckets = sorted({event.bucket_id for event in fresh})
-    rows = db.execute(
-        "SELECT bucket_id, id, ordered FROM outputs"
-        f" WHERE bucket_id IN ({', '.join('?' * len(buckets))}) ORDER BY id",
-        buckets,
-    )
-    deliveries, _ = _deliveries(events, results, rows, now)  # no other replica to tell
-    if deliveries:
-        db.executemany(_sqlite_insert(D, deliveries[0]), deliveries)
-    return results
-
-
-@functools.cache
-def _sqlite_insert_sql(table: str, columns: tuple[str, ...]) -> str:
-    return (
-        f"INSERT INTO {table} ({', '.join(columns)})"
-        f" VALUES ({', '.join(':' + column for column in columns)})"
-    )
-
-
-def _sqlite_insert(table: sa.Table, row: Mapping[str, object]) -> str:
-    """INSERT of `row`'s columns (named parameters): every row of a batch names the same."""
-    columns = tuple(row)
-    assert all(column in table.c for column in columns), columns
-    return _sqlite_insert_sql(table.name, columns)
-
-
-def _deliveries(
+def delivery_rows(
     events: Sequence[NewEvent],
     results: list[Ingested],
     outputs: Iterable[Sequence[Any]],
@@ -205,7 +164,7 @@ def _deliveries(
                 waiting.add(output_id)
             else:
                 holder, lease_ms = slot
-                row.update(_leased_values(now, lease_ms, holder), attempts=1, first_attempt_at=now)
+                row.update(leased_values(now, lease_ms, holder), attempts=1, first_attempt_at=now)
                 leased.append((output_id, str(row["id"]), now + lease_ms))
             deliveries.append(row)
         if leased:
@@ -213,7 +172,7 @@ def _deliveries(
     return deliveries, waiting
 
 
-def _leased_values(now: int, lease_ms: int, holder: str) -> dict[str, object]:
+def leased_values(now: int, lease_ms: int, holder: str) -> dict[str, object]:
     """The columns a lease sets (besides attempts), by a claim or at ingest (slots)."""
     return {
         "state": models.DeliveryState.LEASED,
@@ -281,35 +240,6 @@ async def _claim_dedup_key(conn: AsyncConnection, event: NewEvent, now: int) -> 
     return str(original)
 
 
-def _ingested_sqlite(db: sqlite3.Connection, event: NewEvent, now: int) -> Ingested:
-    """_ingested in plain sqlite3: the same two upserts as _claim_nonce and _claim_dedup_key."""
-    if event.nonce is not None:
-        claimed = db.execute(
-            "INSERT INTO seen_nonces (input_id, nonce, expires_at) VALUES (?, ?, ?)"
-            " ON CONFLICT (input_id, nonce) DO UPDATE SET expires_at = excluded.expires_at"
-            " WHERE seen_nonces.expires_at <= ? RETURNING nonce",
-            (event.row["input_id"], event.nonce.value, event.nonce.expires_at_ms, now),
-        ).fetchall()
-        if not claimed:
-            return Ingested(replay=True)
-    if event.dedup_key is None:
-        return Ingested()
-    key = (event.bucket_id, event.dedup_key)
-    claimed = db.execute(
-        "INSERT INTO dedup_keys (bucket_id, key, event_id, expires_at) VALUES (?, ?, ?, ?)"
-        " ON CONFLICT (bucket_id, key) DO UPDATE"
-        " SET event_id = excluded.event_id, expires_at = excluded.expires_at"
-        " WHERE dedup_keys.expires_at <= ? RETURNING event_id",
-        (*key, event.row["id"], now + event.dedup_window_ms, now),
-    ).fetchall()
-    if claimed:
-        return Ingested()
-    (original,) = db.execute(
-        "SELECT event_id FROM dedup_keys WHERE bucket_id = ? AND key = ?", key
-    ).fetchone()
-    return Ingested(duplicate_of=str(original))
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RawLease:
     """A claimed delivery with its still-sealed event, ready to be opened outside the writer."""
@@ -320,7 +250,7 @@ class RawLease:
     replay: bool
     output: str
     bucket: str
-    event: sa.Row[tuple[object, ...]]
+    event: Any  # the events row (and bucket_name): attribute access by column name
 
 
 async def has_available(conn: AsyncConnection, output_ids: Sequence[str]) -> bool:
@@ -387,7 +317,7 @@ async def claim(
             .where(D.c.id.in_(chosen), row_state(models.DeliveryState.PENDING))
             .values(
                 {
-                    **_leased_values(now, lease_ms, holder),
+                    **leased_values(now, lease_ms, holder),
                     "attempts": D.c.attempts + 1,
                     "first_attempt_at": sa.func.coalesce(D.c.first_attempt_at, now),
                 }
@@ -476,7 +406,7 @@ async def _ordered_head(conn: AsyncConnection, output_id: str, now: int) -> str 
 
 async def _with_events(
     conn: AsyncConnection,
-    claimed: Sequence[sa.Row[tuple[object, ...]]],
+    claimed: Sequence[Any],
     deadline: int,
     output_names: dict[str, str],
 ) -> list[RawLease]:
@@ -488,7 +418,15 @@ async def _with_events(
             .where(E.c.id.in_(event_ids))
         )
     ).all()
-    by_id = {row.id: row for row in rows}
+    return raw_leases(claimed, rows, deadline, output_names)
+
+
+def raw_leases(
+    claimed: Sequence[Any], events: Iterable[Any], deadline: int, output_names: dict[str, str]
+) -> list[RawLease]:
+    """The leases of `claimed` deliveries (id, attempts, event_id, output_id, replay) with
+    their `events` rows, oldest event first."""
+    by_id = {row.id: row for row in events}
     leases = [
         RawLease(
             delivery_id=row.id,

@@ -25,6 +25,7 @@ from relay_server.store import (
     events,
     outputs,
     queue,
+    queue_sqlite,
     retention,
     wait_replies,
 )
@@ -109,7 +110,7 @@ class SqlStore:
         stored = False
         try:
             result: queue.Ingested = await self.db.write_coalesced(
-                "ingest", queue.insert_events, new, sqlite_many=queue.insert_events_sqlite
+                "ingest", queue.insert_events, new, sqlite_many=queue_sqlite.insert_events
             )
             stored = result.stored
             for output_id, delivery_id, deadline_ms in result.leased:
@@ -142,7 +143,14 @@ class SqlStore:
         raw = await self.db.write(
             functools.partial(
                 queue.claim, output_ids=output_ids, limit=limit, lease_ms=lease_ms, holder=holder
-            )
+            ),
+            sqlite=functools.partial(
+                queue_sqlite.claim,
+                output_ids=output_ids,
+                limit=limit,
+                lease_ms=lease_ms,
+                holder=holder,
+            ),
         )
         opened = [(item, self._open_lease(item)) for item in raw]
         lost = [(item.delivery_id, item.attempt) for item, lease in opened if lease is None]
@@ -186,10 +194,14 @@ class SqlStore:
 
     async def settle(self, settlements: Sequence[models.Settlement], *, agent: str) -> list[str]:
         """Apply ACK/NACK/REJECT/failures; returns lease ids no longer held (fenced off)."""
+        only_acks = all(item.outcome is models.Outcome.ACK for item in settlements)
         lost: list[str] = await self.db.write(
             functools.partial(
                 queue.settle, settlements=settlements, agent=agent, base_policy=self.retry_base
-            )
+            ),
+            sqlite=functools.partial(queue_sqlite.settle_acks, settlements=settlements, agent=agent)
+            if only_acks
+            else None,
         )
         await ephemeral.forget_settled(self.db, self.payloads, [s.lease_id for s in settlements])
         return lost

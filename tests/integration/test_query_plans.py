@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -24,19 +24,25 @@ from tests.integration.test_store import incoming, lease, settle
 pytestmark = pytest.mark.sqlite_only("EXPLAIN QUERY PLAN is SQLite's")
 
 
-@contextlib.contextmanager
-def recorded(store: sql.SqlStore) -> Iterator[list[tuple[str, Any]]]:
+@contextlib.asynccontextmanager
+async def recorded(store: sql.SqlStore) -> AsyncIterator[list[tuple[str, Any]]]:
+    """Every statement run meanwhile: through SQLAlchemy (with its parameters), and in
+    plain sqlite3 on the writer's connection (queue_sqlite, parameters filled in)."""
     seen: list[tuple[str, Any]] = []
 
     def record(conn: Any, cursor: Any, statement: str, params: Any, *rest: Any) -> None:
         seen.append((statement, params))
 
     engine = store.db.engine.sync_engine
+    writer = (await (await store.db._writer_conn()).get_raw_connection()).driver_connection
+    assert writer is not None
     sa.event.listen(engine, "before_cursor_execute", record)
+    await writer.set_trace_callback(lambda statement: seen.append((statement, ())))
     try:
         yield seen
     finally:
         sa.event.remove(engine, "before_cursor_execute", record)
+        await writer.set_trace_callback(None)
 
 
 def full_searches(path: str, statements: list[tuple[str, Any]]) -> list[str]:
@@ -59,9 +65,10 @@ async def test_claims_and_acks_find_deliveries_by_key(installed: Installation) -
     await asyncio.gather(*(store.ingest(e) for e in events))
     path = str(store.db.engine.url.database)
 
-    with recorded(store) as statements:
+    async with recorded(store) as statements:
         taken = await lease(store, installed, limit=64)
         await store.settle([settle(t, models.Outcome.ACK) for t in taken], agent="t")
 
     assert len(taken) == 64
+    assert [s for s, _ in statements if s.startswith(("UPDATE deliveries", "SELECT available_at"))]
     assert full_searches(path, statements) == []
