@@ -3,11 +3,12 @@
 SQLite has one writer: every write in this process goes through one task that runs
 whatever is queued as one transaction (group commit), so N concurrent ingests cost one
 fsync, not N. If a group fails, its operations are retried one by one so one bad
-operation cannot fail its neighbours. The hottest write (ingest) can also come as a
-`SqliteOp`: plain sqlite3 run in the driver's own thread, so a group of them is one
-hop from the event loop (BEGIN, statements, COMMIT) instead of one hop per statement;
-under load each hop waits behind every request the loop has queued. PostgreSQL runs
-each write in its own pooled transaction; its row locks do the serialising.
+operation cannot fail its neighbours. The hottest writes (ingest, claims, ACKs) come
+as `SqliteOp`s too: plain sqlite3 run in the driver's own thread, so a group of them is
+one hop from the event loop (BEGIN, statements, COMMIT) instead of one hop per
+statement; under load each hop waits behind every request the loop has queued.
+PostgreSQL runs each write in its own pooled transaction; its row locks do the
+serialising.
 """
 
 from __future__ import annotations
