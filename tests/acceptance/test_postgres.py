@@ -52,6 +52,7 @@ async def test_quickstart_and_serve_deliver_a_webhook_through_postgresql(
             started.append(harness.start_agent(relay, f"{target.url}/hooks"))
             assert await post(relay.input_url(tail="/first"), b'{"n": 1}') == 200
             await target.wait_for(1)
+            await acknowledged(relay, 1)  # a kill before the ACK commits would redeliver
             started[0].kill()
             relay.stop()  # the queue survives a restart: it is in the database
             assert await _post_refused(relay), "ingress is down while the server is"
@@ -60,6 +61,7 @@ async def test_quickstart_and_serve_deliver_a_webhook_through_postgresql(
             assert await post(relay.input_url(tail="/second"), b'{"n": 2}') == 200
             started.append(harness.start_agent(relay, f"{target.url}/hooks", name="agent2"))
             await target.wait_for(2)
+            await acknowledged(relay, 2)
     finally:
         for agent in started:
             if agent.proc.poll() is None:
@@ -72,6 +74,17 @@ async def test_quickstart_and_serve_deliver_a_webhook_through_postgresql(
     assert len(listed) == 2
     assert all([d["state"] for d in event["deliveries"]] == ["delivered"] for event in listed), (
         listed
+    )
+
+
+async def acknowledged(relay: harness.Relay, count: int) -> None:
+    """Wait until `count` events are stored, each with its delivery DELIVERED (its ACK
+    committed): the target having them does not mean the agent's ACK has landed."""
+    await harness.wait_deliveries(
+        relay,
+        lambda found: [d["state"] for d in found.values()] == ["delivered"] * count,
+        timeout=15,
+        what=f"{count} deliveries acknowledged",
     )
 
 
