@@ -164,7 +164,7 @@ def delivery_rows(
                 waiting.add(output_id)
             else:
                 holder, lease_ms = slot
-                row.update(leased_values(now, lease_ms, holder), attempts=1, first_attempt_at=now)
+                row.update(_leased_values(now, lease_ms, holder), attempts=1, first_attempt_at=now)
                 leased.append((output_id, str(row["id"]), now + lease_ms))
             deliveries.append(row)
         if leased:
@@ -172,7 +172,7 @@ def delivery_rows(
     return deliveries, waiting
 
 
-def leased_values(now: int, lease_ms: int, holder: str) -> dict[str, object]:
+def _leased_values(now: int, lease_ms: int, holder: str) -> dict[str, object]:
     """The columns a lease sets (besides attempts), by a claim or at ingest (slots)."""
     return {
         "state": models.DeliveryState.LEASED,
@@ -317,7 +317,7 @@ async def claim(
             .where(D.c.id.in_(chosen), row_state(models.DeliveryState.PENDING))
             .values(
                 {
-                    **leased_values(now, lease_ms, holder),
+                    **_leased_values(now, lease_ms, holder),
                     "attempts": D.c.attempts + 1,
                     "first_attempt_at": sa.func.coalesce(D.c.first_attempt_at, now),
                 }
