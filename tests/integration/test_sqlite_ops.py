@@ -23,7 +23,8 @@ TIMES += ("lease_expires_at", "first_attempt_at", "expires_at", "started_at", "d
 
 
 def new_events(inst: Installation, route: models.Route) -> list[queue.NewEvent]:
-    """Four webhooks: plain, with an id header and a nonce, a duplicate, a replay."""
+    """Four webhooks: plain (an agent has a place for it on every output), with an id
+    header and a nonce, a duplicate, a replay."""
     keyring, policy = inst.store.keyring, route.bucket.policy
     nonce = models.Nonce(value="ab" * 32, expires_at_ms=models.now_ms() + 60_000)
     webhooks = [
@@ -32,6 +33,7 @@ def new_events(inst: Installation, route: models.Route) -> list[queue.NewEvent]:
         (with_headers(inst, route, ("X-Provider-Event-Id", "e-1"), body=b"again"), None),
         (with_headers(inst, route, ("X-Provider-Event-Id", "e-2"), body=b"replayed"), nonce),
     ]
+    slots = {output_id: ("key/agent", 30_000) for output_id in route.output_ids}
     return [
         queue.NewEvent(
             row=queue.seal_event(keyring, event),
@@ -39,9 +41,9 @@ def new_events(inst: Installation, route: models.Route) -> list[queue.NewEvent]:
             dedup_key=models.dedup_key(policy.dedup_headers, event.headers),
             dedup_window_ms=policy.dedup_window_ms,
             nonce=nonce,
-            slots={output_id: ("key/agent", 30_000) for output_id in route.output_ids[:1]},
+            slots=slots if place == 0 else {},
         )
-        for event, nonce in webhooks
+        for place, (event, nonce) in enumerate(webhooks)
     ]
 
 
@@ -122,7 +124,9 @@ async def scenario(folder: pathlib.Path, keyring: crypto.KeyRing, *, plain: bool
             sqlite=functools.partial(queue_sqlite.claim, **claim) if plain else None,  # type: ignore[arg-type]
         )
         await names.learn(inst)
-        acks = [models.format_lease_id(lease.delivery_id, lease.attempt) for lease in claimed]
+        handed = [lease for result in ingested for lease in result.leased]  # attempt 1
+        acks = [models.format_lease_id(delivery_id, 1) for _, delivery_id, _ in handed]
+        acks += [models.format_lease_id(lease.delivery_id, lease.attempt) for lease in claimed]
         acks += [models.format_lease_id(claimed[0].delivery_id, 9), "not-a-lease"]
         settlements = [models.Settlement(lease_id=a, outcome=models.Outcome.ACK) for a in acks]
         settle = {"settlements": settlements, "agent": "key/agent"}
@@ -149,12 +153,12 @@ async def test_plain_sqlite_writes_store_and_answer_what_the_sqlalchemy_ones_do(
     by_sqlite3 = await scenario(tmp_path, keyring, plain=True)
 
     assert by_sqlalchemy["ingested"] == [
-        (True, False, None, 0),  # "default" is ordered: not leased at ingest
+        (True, False, None, 1),  # leased at ingest on "audit"; "default" is ordered
         (True, False, None, 0),
         (False, False, "event 9", 0),  # a duplicate of the second: nothing stored
         (False, True, None, 0),  # a replay of the second's nonce: nothing stored
     ]
-    assert len(by_sqlalchemy["claimed"]) == 3  # the ordered output's head, both on "audit"
+    assert len(by_sqlalchemy["claimed"]) == 2  # the ordered output's head, one on "audit"
     assert by_sqlalchemy["lost"] == ["not-a-lease", "lease delivery: 5/default #9"]
     assert [len(by_sqlalchemy["rows"][t]) for t in TABLES] == [2, 4, 1, 1, 3]
     assert by_sqlite3 == by_sqlalchemy
