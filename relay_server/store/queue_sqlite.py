@@ -161,10 +161,10 @@ def settle_acks(
             acks[models.parse_lease_id(item.lease_id)] = item.lease_id
         except ValueError:
             lost.append(item.lease_id)
-    return lost + (ack_all(db, acks, agent) if acks else [])
+    return lost + (_ack_all(db, acks, agent) if acks else [])
 
 
-def ack_all(db: sqlite3.Connection, acks: Mapping[tuple[str, int], str], agent: str) -> list[str]:
+def _ack_all(db: sqlite3.Connection, acks: Mapping[tuple[str, int], str], agent: str) -> list[str]:
     """queue._ack_all: every held lease in `acks` DELIVERED; returns the lease ids not held."""
     now = models.now_ms()
     keys = list(acks)
@@ -209,16 +209,15 @@ def _row_type(columns: tuple[str, ...]) -> Any:
     return collections.namedtuple("Row", columns)
 
 
-@functools.cache
-def _insert_sql(table: str, columns: tuple[str, ...]) -> str:
-    return (
-        f"INSERT INTO {table} ({', '.join(columns)})"
-        f" VALUES ({', '.join(':' + column for column in columns)})"
-    )
-
-
 def _insert(table: sa.Table, row: Mapping[str, object]) -> str:
     """INSERT of `row`'s columns (named parameters): every row of a batch names the same."""
-    columns = tuple(row)
+    return _insert_sql(table, tuple(row))
+
+
+@functools.cache
+def _insert_sql(table: sa.Table, columns: tuple[str, ...]) -> str:
     assert all(column in table.c for column in columns), columns
-    return _insert_sql(table.name, columns)
+    return (
+        f"INSERT INTO {table.name} ({', '.join(columns)})"
+        f" VALUES ({', '.join(':' + column for column in columns)})"
+    )
