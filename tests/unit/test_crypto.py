@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import os
 import pathlib
 
@@ -9,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay_server import crypto, errors
+from tests.unit import forked
 
 RING = crypto.parse_key_file(crypto.generate_key_line("k1"))
 
@@ -27,6 +29,27 @@ def test_sealed_records_do_not_contain_the_plaintext(plaintext: bytes) -> None:
 
 def test_every_seal_uses_a_fresh_nonce() -> None:
     assert RING.seal(b"same", b"a") != RING.seal(b"same", b"a")
+
+
+def _nonce_of(record: bytes) -> bytes:
+    return crypto._split(record)[1]
+
+
+def test_nonces_never_repeat_across_refills_and_threads() -> None:
+    per_refill = crypto.NonceSource.REFILL_BYTES // crypto.NONCE_BYTES
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        batches = pool.map(
+            lambda _: [_nonce_of(RING.seal(b"x", b"a")) for _ in range(3 * per_refill)], range(4)
+        )
+        nonces = [nonce for batch in batches for nonce in batch]
+    assert all(len(nonce) == crypto.NONCE_BYTES for nonce in nonces)
+    assert len(set(nonces)) == len(nonces) == 12 * per_refill
+
+
+def test_a_forked_child_seals_with_nonces_its_parent_does_not() -> None:
+    RING.seal(b"x", b"a")  # the parent's buffer holds unused bytes when it forks
+    child, parent = forked.both_sides(lambda: [_nonce_of(RING.seal(b"x", b"a")) for _ in range(50)])
+    assert not set(child) & set(parent)
 
 
 def test_a_record_moved_to_another_row_does_not_open() -> None:

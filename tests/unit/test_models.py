@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
+import uuid
 
 import click
 import pytest
@@ -8,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay_server import console, ids, models
+from tests.unit import forked
 
 
 @given(attempt=st.integers(min_value=0, max_value=2**31))
@@ -29,6 +32,22 @@ def test_malformed_lease_ids_are_refused(bad: str) -> None:
 def test_ids_sort_by_creation_time() -> None:
     made = [ids.new_id() for _ in range(200)]
     assert made == sorted(made)
+    assert all(uuid.UUID(made_id).version == 7 for made_id in made)
+    assert all(str(uuid.UUID(made_id)) == made_id for made_id in made)  # canonical form
+
+
+def test_ids_made_from_many_threads_are_all_distinct() -> None:
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        batches = list(pool.map(lambda _: [ids.new_id() for _ in range(5000)], range(4)))
+    made = [made_id for batch in batches for made_id in batch]
+    assert len(set(made)) == len(made)
+    assert all(batch == sorted(batch) for batch in batches)
+
+
+def test_a_forked_child_makes_ids_its_parent_does_not() -> None:
+    ids.new_id()
+    child_ids, parent_ids = forked.both_sides(lambda: [ids.new_id() for _ in range(100)])
+    assert not set(child_ids) & set(parent_ids)
 
 
 def test_naive_timestamps_are_refused() -> None:
