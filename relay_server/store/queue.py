@@ -29,9 +29,13 @@ E = tables.events
 ACTIVE_STATES = (models.DeliveryState.PENDING, models.DeliveryState.LEASED)
 
 
+# Built once: json.dumps with separators makes a new encoder on every call (~3 us).
+_HEADERS_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 def seal_event(keyring: crypto.KeyRing, event: models.IncomingEvent) -> dict[str, object]:
     """The events row for `event`, with query, headers and body sealed."""
-    headers = json.dumps(event.headers, separators=(",", ":")).encode()
+    headers = _HEADERS_JSON.encode(event.headers).encode()
     return {
         "id": event.id,
         "bucket_id": event.route.bucket.id,

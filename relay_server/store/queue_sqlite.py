@@ -1,9 +1,10 @@
 """The queue's hottest transitions again, in plain sqlite3, for SQLite's writer thread.
 
-Each runs as a `database.SqliteOp`: the whole transaction is one hop from the event
-loop to the thread aiosqlite runs the connection in, where through SQLAlchemy each
-statement is a hop of its own, and under load each hop waits behind every request the
-loop has queued (a claim took 8 ms, a group of 64 ingests 11). They write and return
+Each is a plain write (`database.PlainWrites`), run in the thread aiosqlite runs the
+connection in, inside a group's transaction: no hop to the event loop between
+statements, where through SQLAlchemy each statement is a hop of its own, and under load
+each hop waits behind every request the loop has queued (a claim took 8 ms, a group of
+64 ingests 11). They write and return
 exactly what their SQLAlchemy twins in queue.py do (which PostgreSQL runs), checked
 value for value by tests/integration/test_sqlite_ops.py, and find rows by key as
 tests/integration/test_query_plans.py checks.
@@ -41,7 +42,7 @@ def insert_events(db: sqlite3.Connection, events: Sequence[NewEvent]) -> list[In
     fresh = [event for event, result in zip(events, results, strict=True) if result.stored]
     if not fresh:
         return results
-    db.executemany(_insert(tables.events, fresh[0].row), [event.row for event in fresh])
+    _insert_rows(db, tables.events, [event.row for event in fresh])
     buckets = sorted({event.bucket_id for event in fresh})
     rows = db.execute(
         f"SELECT bucket_id, id, ordered FROM outputs WHERE bucket_id IN ({_marks(buckets)})"
@@ -50,7 +51,7 @@ def insert_events(db: sqlite3.Connection, events: Sequence[NewEvent]) -> list[In
     )
     deliveries, _ = delivery_rows(events, results, rows, now)  # no other replica to tell
     if deliveries:
-        db.executemany(_insert(tables.deliveries, deliveries[0]), deliveries)
+        _insert_rows(db, tables.deliveries, deliveries)
     return results
 
 
@@ -181,14 +182,20 @@ def _ack_all(db: sqlite3.Connection, acks: Mapping[tuple[str, int], str], agent:
             LEASED,
         ],
     ).fetchall()
-    db.executemany(
-        "INSERT INTO attempts (delivery_id, attempt, outcome, agent, started_at, ended_at, error)"
-        " VALUES (?, ?, ?, ?, ?, ?, NULL)",
-        [
-            (delivery_id, attempt, models.Outcome.ACK, agent[:200], leased_at or now, now)
+    if done:
+        attempts = [
+            {
+                "delivery_id": delivery_id,
+                "attempt": attempt,
+                "outcome": models.Outcome.ACK,
+                "agent": agent[:200],
+                "started_at": leased_at or now,
+                "ended_at": now,
+                "error": None,
+            }
             for delivery_id, attempt, leased_at in done
-        ],
-    )
+        ]
+        _insert_rows(db, tables.attempts, attempts)
     settled = {(delivery_id, attempt) for delivery_id, attempt, _ in done}
     return [lease_id for key, lease_id in acks.items() if key not in settled]
 
@@ -209,15 +216,28 @@ def _row_type(columns: tuple[str, ...]) -> Any:
     return collections.namedtuple("Row", columns)
 
 
-def _insert(table: sa.Table, row: Mapping[str, object]) -> str:
-    """INSERT of `row`'s columns (named parameters): every row of a batch names the same."""
-    return _insert_sql(table, tuple(row))
+# Rows per multi-row INSERT: 64 x 15 columns stays under 999 parameters, the limit of
+# SQLite builds before 3.32.
+INSERT_CHUNK = 64
+
+
+def _insert_rows(
+    db: sqlite3.Connection, table: sa.Table, rows: Sequence[Mapping[str, object]]
+) -> None:
+    """INSERT `rows` (each naming the same columns), up to INSERT_CHUNK per statement.
+
+    One statement for many rows, not executemany: sqlite3 lets go of the GIL around every
+    step, and each step's return waits for a busy event loop to give it back.
+    """
+    columns = tuple(rows[0])
+    for start in range(0, len(rows), INSERT_CHUNK):
+        chunk = rows[start : start + INSERT_CHUNK]
+        values = [row[column] for row in chunk for column in columns]
+        db.execute(_insert_sql(table, columns, len(chunk)), values)
 
 
 @functools.cache
-def _insert_sql(table: sa.Table, columns: tuple[str, ...]) -> str:
+def _insert_sql(table: sa.Table, columns: tuple[str, ...], rows: int) -> str:
     assert all(column in table.c for column in columns), columns
-    return (
-        f"INSERT INTO {table.name} ({', '.join(columns)})"
-        f" VALUES ({', '.join(':' + column for column in columns)})"
-    )
+    one = f"({', '.join('?' * len(columns))})"
+    return f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {', '.join([one] * rows)}"
