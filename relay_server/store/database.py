@@ -3,10 +3,10 @@
 SQLite has one writer: every write in this process goes through one task that runs
 whatever is queued as one transaction (group commit), so N concurrent ingests cost one
 fsync, not N. If a group fails, its operations are retried one by one so one bad
-operation cannot fail its neighbours. The hottest writes (ingest, claims, ACKs) come
-as `SqliteOp`s too: plain sqlite3 run in the driver's own thread, so a group of them is
-one hop from the event loop (BEGIN, statements, COMMIT) instead of one hop per
-statement; under load each hop waits behind every request the loop has queued.
+operation cannot fail its neighbours. The hottest writes (ingest, claims, ACKs) are
+plain sqlite3 functions (`PlainWrites`), run in the driver's own thread: there a drain
+takes whatever is waiting, commits it, hands the results back to the event loop and
+takes the next group at once, so under load the writer never waits for the loop.
 PostgreSQL runs each write in its own pooled transaction; its row locks do the
 serialising.
 """
@@ -14,6 +14,7 @@ serialising.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import pathlib
 import random
@@ -37,17 +38,8 @@ T = TypeVar("T")
 WriteOp = Callable[[AsyncConnection], Awaitable[T]]
 
 
-@dataclass(frozen=True, slots=True)
-class SqliteOp:
-    """A write in plain sqlite3, for the SQLite writer. `prepare` runs on the event loop
-    just before the group's transaction and returns the function to run in the driver's
-    thread, inside that transaction, with the sqlite3 connection. Its sqlite3 errors
-    reach callers as SQLAlchemy's would."""
-
-    prepare: Callable[[], Callable[[sqlite3.Connection], Any]]
-
-
-Op = WriteOp[Any] | SqliteOp
+PlainWrite = Callable[[sqlite3.Connection], T]  # plain sqlite3, in the driver's thread
+PlainMany = Callable[[sqlite3.Connection, list[Any]], Sequence[Any]]
 
 log = structlog.get_logger(__name__)
 
@@ -192,7 +184,12 @@ class Database:
     def __init__(self, settings: DatabaseSettings) -> None:
         self.settings = settings
         self.engine: AsyncEngine = _make_engine(settings)
-        self._queue: asyncio.Queue[tuple[Op, asyncio.Future[Any]]] = asyncio.Queue()
+        # SQLAlchemy writes for the SQLite writer; plain sqlite3 ones wait in _plain.
+        self._queue: collections.deque[tuple[WriteOp[Any], asyncio.Future[Any]]] = (
+            collections.deque()
+        )
+        self._plain = PlainWrites(settings.max_group)
+        self._wake = asyncio.Event()  # something was queued for the writer
         self._writer: asyncio.Task[None] | None = None
         self._conn: AsyncConnection | None = None
         self._closed = False
@@ -222,15 +219,18 @@ class Database:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
-        while not self._queue.empty():
-            _, future = self._queue.get_nowait()
+        self._plain.stop = True  # a drain under way ends after the group it is committing
+        closing = errors.StorageUnavailable("database is closing")
+        while self._queue:
+            _, future = self._queue.popleft()
             if not future.done():
-                future.set_exception(errors.StorageUnavailable("database is closing"))
+                future.set_exception(closing)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), CLOSE_GRACE_S)
         if self._conn is not None:
             with contextlib.suppress(Exception):
-                await self._conn.close()
+                await self._conn.close()  # queued behind a drain still running: after it
+        self._plain.fail_all(closing)
         await self.engine.dispose()
 
     async def migrate(self) -> None:
@@ -245,22 +245,22 @@ class Database:
                 raise translate(exc) from exc
             raise
 
-    async def write(
-        self, op: WriteOp[T], *, sqlite: Callable[[sqlite3.Connection], T] | None = None
-    ) -> T:
+    async def write(self, op: WriteOp[T], *, sqlite: PlainWrite[T] | None = None) -> T:
         """Run `op` in a write transaction; returns after the commit. `sqlite`, the same
-        in plain sqlite3, is run instead on SQLite (a SqliteOp)."""
+        in plain sqlite3, is run instead on SQLite (see PlainWrites)."""
         if self._closed:
             raise errors.StorageUnavailable("database is closed")
         if self._writer is None:
             return await self._write_alone(op)
-        result: T = await self._queued(op if sqlite is None else SqliteOp(lambda: sqlite))
-        return result
-
-    async def _queued(self, op: Op) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((op, future))
-        return await future
+        if sqlite is None:
+            self._queue.append((op, future))
+            self._plain.yield_to_others = True  # a drain under way lets it in soon
+        else:
+            self._plain.single.append((sqlite, future))
+        self._wake.set()
+        result: T = await future
+        return result
 
     async def probe_write(self) -> None:
         """Take the write lock and commit an empty transaction, through the writer.
@@ -276,22 +276,26 @@ class Database:
         apply_many: Callable[[AsyncConnection, list[Any]], Awaitable[Sequence[Any]]],
         item: Any,
         *,
-        sqlite_many: Callable[[sqlite3.Connection, list[Any]], Sequence[Any]] | None = None,
+        sqlite_many: PlainMany | None = None,
     ) -> Any:
         """Add `item` to the next `apply_many` call for `key`; returns its result after commit.
 
         Items that arrive while one call waits for the writer join it, so N concurrent
         writes of one kind cost one statement per table instead of N. `apply_many` returns
         one result per item, in order; `sqlite_many`, the same in plain sqlite3, is used
-        instead on SQLite (a SqliteOp).
+        instead on SQLite (see PlainWrites).
         """
         if self._closed:
             raise errors.StorageUnavailable("database is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self._writer is not None and sqlite_many is not None:
+            self._plain.waiting(key, sqlite_many).append((item, future))
+            self._wake.set()
+            return await future
         waiting = self._coalesced.setdefault(key, [])
         waiting.append((item, future))
         if len(waiting) == 1:
-            group = self._write_group(key, apply_many, sqlite_many)
+            group = self._write_group(key, apply_many)
             task = asyncio.create_task(group, name=f"write-{key}")
             self._group_tasks.add(task)
             task.add_done_callback(self._group_tasks.discard)
@@ -301,7 +305,6 @@ class Database:
         self,
         key: str,
         apply_many: Callable[[AsyncConnection, list[Any]], Awaitable[Sequence[Any]]],
-        sqlite_many: Callable[[sqlite3.Connection, list[Any]], Sequence[Any]] | None,
     ) -> None:
         taken: list[tuple[Any, asyncio.Future[Any]]] = []
 
@@ -317,16 +320,7 @@ class Database:
             return await apply_many(conn, take())
 
         try:
-            if self._writer is not None and sqlite_many is not None:
-                many = sqlite_many
-
-                def prepare() -> Callable[[sqlite3.Connection], Sequence[Any]]:
-                    items = take()
-                    return lambda db: many(db, items)
-
-                results = await self._queued(SqliteOp(prepare))
-            else:
-                results = await self.write(op)
+            results = await self.write(op)
         except Exception as exc:
             taken = taken or self._coalesced.pop(key, [])
             for _, future in taken:
@@ -385,56 +379,69 @@ class Database:
 
     async def _write_loop(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self.settings.max_group and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            batch = [(op, fut) for op, fut in batch if not fut.cancelled()]
-            if not batch:
-                continue
-            try:
-                await self._run_group(batch)
-            except Exception as exc:
-                if len(batch) == 1:
-                    continue  # _run_group already failed its one future
-                if _is_unavailable(exc):
-                    # The database itself failed (locked, full, gone): so would each
-                    # operation alone. Fail them all now rather than one timeout each.
-                    self._fail_all(batch, exc)
-                    continue
-                for item in batch:  # one operation broke the group: find it
-                    with contextlib.suppress(Exception):
-                        await self._run_group([item])
+            self._wake.clear()
+            if self._plain.pending():
+                await self._drain()
+            if self._queue:
+                await self._write_sqlalchemy()
+            elif not self._plain.pending():
+                await self._wake.wait()
 
-    async def _run_group(self, batch: list[tuple[Op, asyncio.Future[Any]]]) -> None:
+    async def _drain(self) -> None:
+        """Run PlainWrites.drain in the driver's thread until nothing plain is waiting."""
+        self._plain.yield_to_others = bool(self._queue)
+        try:
+            conn = await self._writer_conn()
+            error = await _in_sqlite_thread(conn, self._plain.drain, asyncio.get_running_loop())
+        except Exception as exc:  # no connection, or the hop itself broke
+            error = exc
+            self._plain.fail_all(exc)
+        if error is not None:
+            await self._after_failure(error)
+
+    async def _write_sqlalchemy(self) -> None:
+        batch: list[tuple[WriteOp[Any], asyncio.Future[Any]]] = []
+        while self._queue and len(batch) < self.settings.max_group:
+            op, future = self._queue.popleft()
+            if not future.cancelled():
+                batch.append((op, future))
+        if not batch:
+            return
+        try:
+            await self._run_group(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                return  # _run_group already failed its one future
+            if _is_unavailable(exc):
+                # The database itself failed (locked, full, gone): so would each
+                # operation alone. Fail them all now rather than one timeout each.
+                self._fail_all(batch, exc)
+                return
+            for item in batch:  # one operation broke the group: find it
+                with contextlib.suppress(Exception):
+                    await self._run_group([item])
+
+    async def _run_group(self, batch: list[tuple[WriteOp[Any], asyncio.Future[Any]]]) -> None:
         results: list[Any] = []
         try:
             conn = await self._writer_conn()
-            ops = [op for op, _ in batch]
-            if all(isinstance(op, SqliteOp) for op in ops):
-                runs = [op.prepare() for op in ops if isinstance(op, SqliteOp)]
-                results = await _in_sqlite_thread(conn, _transaction, runs)
-            else:
-                async with conn.begin():
-                    for op in ops:
-                        if isinstance(op, SqliteOp):
-                            results.append(await _in_sqlite_thread(conn, op.prepare()))
-                        else:
-                            results.append(await op(conn))
+            async with conn.begin():
+                for op, _ in batch:
+                    results.append(await op(conn))
         except Exception as exc:
             await self._after_failure(exc)
             if len(batch) == 1:
                 _, future = batch[0]
                 if not future.done():
-                    error = translate(exc) if _is_driver_error(exc) else exc
-                    if error is not exc:
-                        error.__cause__ = exc
-                    future.set_exception(error)
+                    future.set_exception(_for_caller(exc))
             raise
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
 
-    def _fail_all(self, batch: list[tuple[Op, asyncio.Future[Any]]], exc: Exception) -> None:
+    def _fail_all(
+        self, batch: list[tuple[WriteOp[Any], asyncio.Future[Any]]], exc: Exception
+    ) -> None:
         for _, future in batch:
             if not future.done():
                 error = translate(exc)
@@ -466,15 +473,171 @@ async def _in_sqlite_thread(conn: AsyncConnection, fn: Callable[..., T], *args: 
         result: T = await driver._execute(fn, driver._conn, *args)
         return result
     except sqlite3.Error as exc:
-        raise sa_exc.DBAPIError.instance(
-            "(a SqliteOp)", None, exc, sqlite3.Error, hide_parameters=True
-        ) from exc
+        raise _sqlalchemy_error(exc) from exc
 
 
-def _transaction(
-    db: sqlite3.Connection, runs: list[Callable[[sqlite3.Connection], Any]]
-) -> list[Any]:
-    """A group of SqliteOps as one transaction: BEGIN IMMEDIATE, each op, COMMIT."""
+def _sqlalchemy_error(exc: BaseException) -> BaseException:
+    """A sqlite3 error as SQLAlchemy raises it (parameters hidden); others unchanged."""
+    if not isinstance(exc, sqlite3.Error):
+        return exc
+    error = sa_exc.DBAPIError.instance(
+        "(a plain sqlite3 write)", None, exc, sqlite3.Error, hide_parameters=True
+    )
+    error.__cause__ = exc
+    return error
+
+
+def _for_caller(exc: BaseException) -> BaseException:
+    """What a caller whose write failed gets: a storage error for a driver's, else `exc`."""
+    if not _is_driver_error(exc):
+        return exc
+    error = translate(exc)
+    error.__cause__ = exc
+    return error
+
+
+class PlainWrites:
+    """Plain sqlite3 writes waiting for the SQLite writer, and the drain that runs them.
+
+    The event loop appends; the drain, in the driver's thread, takes. It takes every
+    write waiting (a coalesced key's items as one call), commits them as one group,
+    hands the results back to the loop (one `call_soon_threadsafe` per group) and takes
+    again at once: under load the next group starts as soon as the last one is durable,
+    not after the loop has heard of it. That hop had to win the GIL from a busy loop,
+    ~2 ms a group. `deque.append` and `popleft` are atomic, so exactly one drain takes
+    each write, and the loop side needs no lock.
+    """
+
+    GROUPS_PER_DRAIN = 64  # then the drain ends, so SQLAlchemy writes get their turn
+
+    def __init__(self, max_group: int) -> None:
+        self.max_group = max_group
+        self.single: collections.deque[tuple[PlainWrite[Any], asyncio.Future[Any]]] = (
+            collections.deque()
+        )
+        self._many: dict[tuple[str, PlainMany], collections.deque[Any]] = {}
+        self.stop = False  # set on close: the drain ends after the group it is committing
+        self.yield_to_others = False  # set when a SQLAlchemy write waits: the drain ends
+
+    def waiting(self, key: str, many: PlainMany) -> collections.deque[Any]:
+        """The (item, future) pairs waiting for `many` under `key`."""
+        found = self._many.get((key, many))
+        if found is None:
+            found = self._many[(key, many)] = collections.deque()
+        return found
+
+    def pending(self) -> bool:
+        return bool(self.single) or any(self._many.values())
+
+    def fail_all(self, exc: BaseException) -> None:
+        """On the loop: every write still waiting fails with `exc`."""
+        futures = [future for _, future in _pop_all(self.single, None)]
+        for waiting in self._many.values():
+            futures += [future for _, future in _pop_all(waiting, None)]
+        for future in futures:
+            if not future.done():
+                future.set_exception(_for_caller(exc))
+
+    def drain(
+        self, db: sqlite3.Connection, loop: asyncio.AbstractEventLoop
+    ) -> BaseException | None:
+        """In the driver's thread: commit groups until none waits. Returns the error that
+        makes the connection suspect (the loop replaces it), else None."""
+        for _ in range(self.GROUPS_PER_DRAIN):
+            if self.stop:
+                return None
+            group = self._take()
+            if not group:
+                return None
+            error = self._commit(db, loop, group)
+            if error is not None:
+                return error
+            if self.yield_to_others:
+                return None
+        return None
+
+    def _take(self) -> list[_Run]:
+        group = [
+            _Run(write, (future,), many=False)
+            for write, future in _pop_all(self.single, self.max_group)
+            if not future.cancelled()
+        ]
+        for (_, many), waiting in list(self._many.items()):
+            taken = _pop_all(waiting, self.max_group)
+            if taken:
+                items = [item for item, _ in taken]
+                group.append(_Run(_many_run(many, items), tuple(f for _, f in taken), many=True))
+        return group
+
+    def _commit(
+        self, db: sqlite3.Connection, loop: asyncio.AbstractEventLoop, group: list[_Run]
+    ) -> BaseException | None:
+        try:
+            results = _transaction(db, [run.write for run in group])
+        except Exception as exc:
+            error = _sqlalchemy_error(exc)
+            if len(group) == 1 or _is_unavailable(error):
+                loop.call_soon_threadsafe(_fail, group, error)
+                suspect = _is_unavailable(error) or db.in_transaction
+                return error if suspect else None
+            for position, run in enumerate(group):  # one write broke the group: each alone
+                error_alone = self._commit(db, loop, [run])
+                if error_alone is not None:  # the database failed: so would the rest
+                    loop.call_soon_threadsafe(_fail, group[position + 1 :], error_alone)
+                    return error_alone
+            return None
+        loop.call_soon_threadsafe(_deliver, group, results)
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    write: PlainWrite[Any]
+    futures: tuple[asyncio.Future[Any], ...]
+    many: bool  # a coalesced call: one result per future, in order
+
+
+def _many_run(many: PlainMany, items: list[Any]) -> PlainWrite[Sequence[Any]]:
+    def run(db: sqlite3.Connection) -> Sequence[Any]:
+        results = many(db, items)
+        if len(results) != len(items):  # checked here, so the group rolls back
+            raise RuntimeError(f"{many.__name__} returned {len(results)} results for {len(items)}")
+        return results
+
+    return run
+
+
+def _pop_all(waiting: collections.deque[Any], most: int | None) -> list[Any]:
+    taken: list[Any] = []
+    while most is None or len(taken) < most:
+        try:
+            taken.append(waiting.popleft())
+        except IndexError:
+            break
+    return taken
+
+
+def _deliver(group: list[_Run], results: list[Any]) -> None:
+    """On the loop: each future of a committed group gets its result."""
+    for run, result in zip(group, results, strict=True):
+        if run.many:
+            for future, one in zip(run.futures, result, strict=True):
+                if not future.done():
+                    future.set_result(one)
+        elif not run.futures[0].done():
+            run.futures[0].set_result(result)
+
+
+def _fail(group: list[_Run], exc: BaseException) -> None:
+    """On the loop: each future of a failed group gets the error."""
+    for run in group:
+        for future in run.futures:
+            if not future.done():
+                future.set_exception(_for_caller(exc))
+
+
+def _transaction(db: sqlite3.Connection, runs: list[PlainWrite[Any]]) -> list[Any]:
+    """A group of plain writes as one transaction: BEGIN IMMEDIATE, each write, COMMIT."""
     db.execute("BEGIN IMMEDIATE")
     try:
         results = [run(db) for run in runs]

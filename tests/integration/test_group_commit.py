@@ -1,11 +1,13 @@
 """SQLite group commit on a real file: coalesced writes survive a neighbour that breaks
-their group (each is retried alone, with the same items)."""
+their group (each is retried alone, with the same items), plain sqlite3 writes commit in
+the writer's thread, and closing ends the group under way before failing the rest."""
 
 from __future__ import annotations
 
 import asyncio
 import pathlib
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
@@ -129,3 +131,72 @@ async def test_a_locked_database_fails_plain_sqlite_writes_as_unavailable(
         other.execute("ROLLBACK")
         other.close()
     assert await db.write_coalesced("t", insert_many, 2, sqlite_many=insert_many_sqlite) == 2
+
+
+def _held_drain() -> tuple[threading.Event, database.PlainWrite[None]]:
+    """A plain write that keeps the writer's thread busy until the event is set."""
+    release = threading.Event()
+
+    def hold(db: sqlite3.Connection) -> None:
+        release.wait(5)
+
+    return release, hold
+
+
+async def test_a_plain_write_that_breaks_its_group_fails_alone(db: database.Database) -> None:
+    release, hold = _held_drain()
+
+    def broken(db: sqlite3.Connection, items: list[int]) -> Sequence[int]:
+        raise ValueError("this write always fails")
+
+    holding = asyncio.create_task(db.write(stored_values, sqlite=hold))
+    await asyncio.sleep(SETTLE_S)
+    # Taken together by the drain once `hold` commits: one group, one bad write in it.
+    stored = [
+        asyncio.create_task(db.write_coalesced("t", insert_many, v, sqlite_many=insert_many_sqlite))
+        for v in (1, 2)
+    ]
+    failing = asyncio.create_task(db.write_coalesced("bad", insert_many, 9, sqlite_many=broken))
+    await asyncio.sleep(SETTLE_S)
+    release.set()
+    await holding
+
+    with pytest.raises(ValueError, match="always fails"):
+        await failing
+    assert await asyncio.wait_for(asyncio.gather(*stored), 5) == [1, 2]
+    assert await db.write(stored_values) == [1, 2]
+
+
+async def test_closing_lets_the_group_under_way_commit_and_fails_the_writes_still_waiting(
+    tmp_path: pathlib.Path,
+) -> None:
+    settings = database.DatabaseSettings(url=f"sqlite:///{tmp_path / 'c.db'}")
+    opened = database.Database(settings)
+    await opened.open()
+    await opened.write(lambda conn: conn.execute(sa.text("CREATE TABLE t (v INTEGER)")))
+    release, hold = _held_drain()
+
+    def hold_then_insert(db: sqlite3.Connection) -> int:
+        hold(db)
+        db.execute("INSERT INTO t (v) VALUES (1)")
+        return 1
+
+    under_way = asyncio.create_task(opened.write(stored_values, sqlite=hold_then_insert))
+    await asyncio.sleep(SETTLE_S)
+    waiting = asyncio.create_task(
+        opened.write_coalesced("t", insert_many, 2, sqlite_many=insert_many_sqlite)
+    )
+    await asyncio.sleep(SETTLE_S)
+    closing = asyncio.create_task(opened.close())
+    await asyncio.sleep(SETTLE_S)
+    release.set()
+    await asyncio.wait_for(closing, 10)
+
+    assert under_way.result() == 1  # committed: the caller got its answer
+    with pytest.raises(errors.StorageUnavailable, match="database is closing"):
+        waiting.result()
+    on_disk = sqlite3.connect(tmp_path / "c.db")
+    try:
+        assert on_disk.execute("SELECT v FROM t").fetchall() == [(1,)]
+    finally:
+        on_disk.close()
