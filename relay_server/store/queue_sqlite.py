@@ -217,23 +217,33 @@ def _row_type(columns: tuple[str, ...]) -> Any:
 
 
 # Rows per multi-row INSERT: 64 x 15 columns stays under 999 parameters, the limit of
-# SQLite builds before 3.32.
-INSERT_CHUNK = 64
+# SQLite builds before 3.32. And bytes: sqlite3 copies every bound blob, so a statement
+# binds about 1 MiB of them at most (ten 10 MiB bodies at once would hold 100 MiB).
+INSERT_CHUNK_ROWS = 64
+INSERT_CHUNK_BYTES = 2**20
 
 
 def _insert_rows(
     db: sqlite3.Connection, table: sa.Table, rows: Sequence[Mapping[str, object]]
 ) -> None:
-    """INSERT `rows` (each naming the same columns), up to INSERT_CHUNK per statement.
+    """INSERT `rows` (each naming the same columns), several per statement.
 
     One statement for many rows, not executemany: sqlite3 lets go of the GIL around every
     step, and each step's return waits for a busy event loop to give it back.
     """
     columns = tuple(rows[0])
-    for start in range(0, len(rows), INSERT_CHUNK):
-        chunk = rows[start : start + INSERT_CHUNK]
-        values = [row[column] for row in chunk for column in columns]
-        db.execute(_insert_sql(table, columns, len(chunk)), values)
+    chunk: list[object] = []
+    count = size = 0
+    for row in rows:
+        values = [row[column] for column in columns]
+        chunk += values
+        count += 1
+        size += sum(len(value) for value in values if isinstance(value, bytes))
+        if count == INSERT_CHUNK_ROWS or size >= INSERT_CHUNK_BYTES:
+            db.execute(_insert_sql(table, columns, count), chunk)
+            chunk, count, size = [], 0, 0
+    if count:
+        db.execute(_insert_sql(table, columns, count), chunk)
 
 
 @functools.cache

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import pathlib
+import sqlite3
 from typing import Any
 
 import sqlalchemy as sa
@@ -162,3 +163,24 @@ async def test_plain_sqlite_writes_store_and_answer_what_the_sqlalchemy_ones_do(
     assert by_sqlalchemy["lost"] == ["not-a-lease", "lease delivery: 5/default #9"]
     assert [len(by_sqlalchemy["rows"][t]) for t in TABLES] == [2, 4, 1, 1, 3]
     assert by_sqlite3 == by_sqlalchemy
+
+
+def test_multi_row_inserts_bind_a_bounded_number_of_rows_and_bytes() -> None:
+    table = sa.Table(
+        "blobs", sa.MetaData(), sa.Column("n", sa.Integer), sa.Column("data", sa.LargeBinary)
+    )
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    db.execute("CREATE TABLE blobs (n INTEGER, data BLOB)")
+    statements: list[str] = []
+    db.set_trace_callback(statements.append)
+    big = b"x" * (600 * 1024)
+    rows = [{"n": n, "data": big} for n in range(3)]  # 1.2 MiB after two: a statement ends
+    rows += [{"n": n, "data": b"s"} for n in range(3, 3 + 130)]  # 130 small: 64, 64, 3
+
+    queue_sqlite._insert_rows(db, table, rows)
+
+    inserts = [statement for statement in statements if statement.startswith("INSERT")]
+    per_statement = [statement.count("), (") + 1 for statement in inserts]
+    assert per_statement == [2, 64, 64, 3]
+    stored = db.execute("SELECT n, length(data) FROM blobs ORDER BY rowid").fetchall()
+    assert stored == [(row["n"], len(row["data"])) for row in rows]  # all, in order
