@@ -534,3 +534,36 @@ async def test_cancelling_stops_them_gracefully_and_waits() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert all(fake.finished for _label, fake in agents)
+
+
+async def _loop_module() -> str:
+    return type(asyncio.get_running_loop()).__module__
+
+
+def test_agents_that_run_scripts_stay_on_asyncio_others_run_on_uvloop() -> None:
+    forwarding = parse(
+        """
+        server = "relay:1"
+        [[subscription]]
+        bucket = "a"
+        forward = "http://127.0.0.1:8000/"
+        [[subscription]]
+        bucket = "b"
+        dir = "/tmp/events"
+        """
+    )
+    scripting = parse(
+        """
+        server = "relay:1"
+        [[subscription]]
+        bucket = "a"
+        forward = "http://127.0.0.1:8000/"
+        [[subscription]]
+        bucket = "b"
+        exec = "/usr/local/bin/handle"
+        """
+    )
+    assert not cli._runs_scripts(forwarding)
+    assert cli._runs_scripts(scripting)
+    assert cli._run_loop(_loop_module(), fast=True).startswith("uvloop")  # the fast extra
+    assert cli._run_loop(_loop_module(), fast=False).startswith("asyncio")
