@@ -215,22 +215,21 @@ class Database:
         if self._closed:
             return
         self._closed = True
+        self._plain.stop = True  # a drain under way ends after the group it is committing
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
-        self._plain.stop = True  # a drain under way ends after the group it is committing
-        closing = errors.StorageUnavailable("database is closing")
         while self._queue:
             _, future = self._queue.popleft()
             if not future.done():
-                future.set_exception(closing)
+                future.set_exception(errors.StorageUnavailable("database is closing"))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), CLOSE_GRACE_S)
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 await self._conn.close()  # queued behind a drain still running: after it
-        self._plain.fail_all(closing)
+        self._plain.fail_all(errors.StorageUnavailable("database is closing"))
         await self.engine.dispose()
 
     async def migrate(self) -> None:
