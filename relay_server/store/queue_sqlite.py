@@ -4,9 +4,9 @@ Each is a plain write (`database.PlainWrites`), run in the thread aiosqlite runs
 connection in, inside a group's transaction: no hop to the event loop between
 statements, where through SQLAlchemy each statement is a hop of its own, and under load
 each hop waits behind every request the loop has queued (a claim took 8 ms, a group of
-64 ingests 11). They write and return
-exactly what their SQLAlchemy twins in queue.py do (which PostgreSQL runs), checked
-value for value by tests/integration/test_sqlite_ops.py, and find rows by key as
+64 ingests 11). They write and return exactly what their SQLAlchemy twins in queue.py
+do (which PostgreSQL runs), checked value for value by
+tests/integration/test_sqlite_ops.py, and find rows by key as
 tests/integration/test_query_plans.py checks.
 """
 
