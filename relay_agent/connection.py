@@ -88,7 +88,7 @@ class Connection:
         return []
 
     async def ack(self, lease_ids: Sequence[str]) -> None:
-        await self._outbox.put(relay_pb2.AgentMessage(ack=relay_pb2.Ack(lease_ids=lease_ids)))
+        await self._outbox.put(None, acks=lease_ids)
 
     async def nack(self, lease_id: str, retry_after_ms: int | None, reason: str) -> None:
         nack = relay_pb2.Nack(
@@ -256,8 +256,11 @@ def _read(path: pathlib.Path | None, what: str) -> bytes | None:
 
 @dataclasses.dataclass(slots=True)
 class _Pending:
-    message: relay_pb2.AgentMessage | None  # None marks the end of the stream (half-close)
+    # None (and no acks) marks the end of the stream (half-close)
+    message: relay_pb2.AgentMessage | None
     written: asyncio.Future[None]
+    # Lease ids to ACK: kept as ids, every ACK of a batch goes into one frame (coalesce).
+    acks: Sequence[str] | None = None
 
 
 Frame: TypeAlias = tuple[relay_pb2.AgentMessage | None, list[asyncio.Future[None]]]
@@ -277,7 +280,9 @@ class _Outbox:
         self._failure: str | None = None
         self._ended = False
 
-    def put(self, message: relay_pb2.AgentMessage | None) -> asyncio.Future[None]:
+    def put(
+        self, message: relay_pb2.AgentMessage | None, *, acks: Sequence[str] | None = None
+    ) -> asyncio.Future[None]:
         written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         written.add_done_callback(_retrieve_exception)
         if self._failure is not None:
@@ -285,7 +290,7 @@ class _Outbox:
         elif self._ended:
             written.set_exception(errors.ConnectionLost("the connection is closing"))
         else:
-            self._queue.put_nowait(_Pending(message, written))
+            self._queue.put_nowait(_Pending(message, written, acks))
         return written
 
     def end(self) -> None:
@@ -342,11 +347,11 @@ def coalesce(batch: Sequence[_Pending]) -> list[Frame]:
     ack_futures: list[asyncio.Future[None]] = []
     end: list[Frame] = []
     for pending in batch:
-        if pending.message is None:
-            end.append((None, [pending.written]))
-        elif pending.message.WhichOneof("kind") == "ack":
-            ack_ids.extend(pending.message.ack.lease_ids)
+        if pending.acks is not None:
+            ack_ids.extend(pending.acks)
             ack_futures.append(pending.written)
+        elif pending.message is None:
+            end.append((None, [pending.written]))
         else:
             frames.append((pending.message, [pending.written]))
     if ack_futures:

@@ -16,12 +16,21 @@ import structlog
 LogFormat = Literal["auto", "console", "json"]
 # Keys that must never reach a log line, whoever passes them.
 _SECRET_KEYS = frozenset({"token", "authorization", "secret", "body", "headers"})
+# The level configure() set; until it runs, an SDK user's own structlog set-up decides.
+_threshold = logging.NOTSET
+
+
+def enabled(level: int) -> bool:
+    """Whether lines at `level` are written: a per-event line checks this first, since
+    even a filtered structlog call costs microseconds (the lazy logger binds each time)."""
+    return level >= _threshold
 
 
 def configure(fmt: LogFormat = "auto", level: str = "info", stream: TextIO | None = None) -> None:
     """Send structlog and stdlib logging to `stream` (stderr by default), filtered by level."""
+    global _threshold
     out = stream if stream is not None else sys.stderr
-    level_no = _level_number(level)
+    level_no = _threshold = _level_number(level)
     as_json = fmt == "json" or (fmt == "auto" and not _is_tty(out))
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,

@@ -27,7 +27,11 @@ def extend(lease_id: str) -> relay_pb2.AgentMessage:
 
 async def test_acks_queued_together_travel_as_one_frame_after_the_others() -> None:
     outbox = connection._Outbox()
-    sent = [outbox.put(ack("a.1")), outbox.put(extend("b.1")), outbox.put(ack("b.1", "c.1"))]
+    sent = [
+        outbox.put(None, acks=["a.1"]),
+        outbox.put(extend("b.1")),
+        outbox.put(None, acks=["b.1", "c.1"]),
+    ]
 
     first = await outbox.__anext__()
     second = await outbox.__anext__()
@@ -46,12 +50,12 @@ async def test_acks_queued_together_travel_as_one_frame_after_the_others() -> No
 
 async def test_failing_the_outbox_fails_every_waiting_sender() -> None:
     outbox = connection._Outbox()
-    waiting = outbox.put(ack("a.1"))
+    waiting = outbox.put(None, acks=["a.1"])
     outbox.fail("the server ended the stream")
     with pytest.raises(errors.ConnectionLost, match="ended the stream"):
         await waiting
     with pytest.raises(errors.ConnectionLost):
-        await outbox.put(ack("b.1"))
+        await outbox.put(None, acks=["b.1"])
 
 
 def test_subscribe_message() -> None:
