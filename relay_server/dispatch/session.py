@@ -203,10 +203,11 @@ class AgentSession:
                 polled = not woken and not self._wake.news
                 self._wake.news = False
                 leases = await self._lease(free, polled=polled)
-            woken = False
             if leases:
                 self.held.update((lease.lease_id, models.to_ms(lease.deadline)) for lease in leases)
                 await self._send(context, leases)
+                # Not a poll: what freed up meanwhile is claimed without a look first.
+                woken = True
                 continue
             woken = await self._sleep(reader)
 
