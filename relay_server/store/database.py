@@ -188,7 +188,7 @@ class Database:
         self._queue: collections.deque[tuple[WriteOp[Any], asyncio.Future[Any]]] = (
             collections.deque()
         )
-        self._plain = PlainWrites(settings.max_group)
+        self._plain = PlainWrites(settings.max_group, settings.sqlite_synchronous.upper())
         self._wake = asyncio.Event()  # something was queued for the writer
         self._writer: asyncio.Task[None] | None = None
         self._conn: AsyncConnection | None = None
@@ -244,9 +244,17 @@ class Database:
                 raise translate(exc) from exc
             raise
 
-    async def write(self, op: WriteOp[T], *, sqlite: PlainWrite[T] | None = None) -> T:
+    async def write(
+        self, op: WriteOp[T], *, sqlite: PlainWrite[T] | None = None, durable: bool = True
+    ) -> T:
         """Run `op` in a write transaction; returns after the commit. `sqlite`, the same
-        in plain sqlite3, is run instead on SQLite (see PlainWrites)."""
+        in plain sqlite3, is run instead on SQLite (see PlainWrites).
+
+        `durable=False` (lease and ACK transitions, which at worst deliver an event again
+        if lost): on SQLite the plain write's group, if nothing durable shares it, commits
+        with synchronous=NORMAL, no fsync of its own; it survives a crash of this process,
+        and the next durable commit makes it survive power loss too.
+        """
         if self._closed:
             raise errors.StorageUnavailable("database is closed")
         if self._writer is None:
@@ -256,7 +264,7 @@ class Database:
             self._queue.append((op, future))
             self._plain.yield_to_others = True  # a drain under way lets it in soon
         else:
-            self._plain.single.append((sqlite, future))
+            self._plain.single.append((sqlite, future, durable))
         self._wake.set()
         result: T = await future
         return result
@@ -509,11 +517,17 @@ class PlainWrites:
 
     GROUPS_PER_DRAIN = 64  # then the drain ends, so SQLAlchemy writes get their turn
 
-    def __init__(self, max_group: int) -> None:
+    def __init__(self, max_group: int, synchronous: str = "FULL") -> None:
         self.max_group = max_group
-        self.single: collections.deque[tuple[PlainWrite[Any], asyncio.Future[Any]]] = (
+        # (write, future, durable): see Database.write
+        self.single: collections.deque[tuple[PlainWrite[Any], asyncio.Future[Any], bool]] = (
             collections.deque()
         )
+        # A group of non-durable writes only commits at this level, then the connection's
+        # own is set back (SQLAlchemy writes share the connection). None: no change, the
+        # configured level is NORMAL or OFF already.
+        self.synchronous = synchronous
+        self.relaxed = "NORMAL" if synchronous in ("FULL", "EXTRA") else None
         self._many: dict[tuple[str, PlainMany], collections.deque[Any]] = {}
         self.stop = False  # set on close: the drain ends after the group it is committing
         self.yield_to_others = False  # set when a SQLAlchemy write waits: the drain ends
@@ -530,7 +544,7 @@ class PlainWrites:
 
     def fail_all(self, exc: BaseException) -> None:
         """On the loop: every write still waiting fails with `exc`."""
-        futures = [future for _, future in _pop_all(self.single, None)]
+        futures = [future for _, future, _ in _pop_all(self.single, None)]
         for waiting in self._many.values():
             futures += [future for _, future in _pop_all(waiting, None)]
         for future in futures:
@@ -557,8 +571,8 @@ class PlainWrites:
 
     def _take(self) -> list[_Run]:
         group = [
-            _Run(write, (future,), many=False)
-            for write, future in _pop_all(self.single, self.max_group)
+            _Run(write, (future,), many=False, durable=durable)
+            for write, future, durable in _pop_all(self.single, self.max_group)
             if not future.cancelled()
         ]
         for (_, many), waiting in list(self._many.items()):
@@ -571,8 +585,9 @@ class PlainWrites:
     def _commit(
         self, db: sqlite3.Connection, loop: asyncio.AbstractEventLoop, group: list[_Run]
     ) -> BaseException | None:
+        relaxed = None if any(run.durable for run in group) else self.relaxed
         try:
-            results = _transaction(db, [run.write for run in group])
+            results = _transaction(db, [run.write for run in group], relaxed, self.synchronous)
         except Exception as exc:
             error = _sqlalchemy_error(exc)
             if len(group) == 1 or _is_unavailable(error):
@@ -594,6 +609,7 @@ class _Run:
     write: PlainWrite[Any]
     futures: tuple[asyncio.Future[Any], ...]
     many: bool  # a coalesced call: one result per future, in order
+    durable: bool = True  # coalesced calls (ingest) always are
 
 
 def _many_run(many: PlainMany, items: list[Any]) -> PlainWrite[Sequence[Any]]:
@@ -635,16 +651,32 @@ def _fail(group: list[_Run], exc: BaseException) -> None:
                 future.set_exception(_for_caller(exc))
 
 
-def _transaction(db: sqlite3.Connection, runs: list[PlainWrite[Any]]) -> list[Any]:
-    """A group of plain writes as one transaction: BEGIN IMMEDIATE, each write, COMMIT."""
-    db.execute("BEGIN IMMEDIATE")
+def _transaction(
+    db: sqlite3.Connection,
+    runs: list[PlainWrite[Any]],
+    relaxed: str | None = None,
+    synchronous: str = "FULL",
+) -> list[Any]:
+    """A group of plain writes as one transaction: BEGIN IMMEDIATE, each write, COMMIT;
+    committed at the `relaxed` synchronous level if given, `synchronous` restored after.
+
+    In WAL mode a commit at NORMAL appends to the log without an fsync: it survives the
+    process dying, and the next FULL commit's fsync covers it, the log being in order.
+    """
+    if relaxed is not None:
+        db.execute(f"PRAGMA synchronous = {relaxed}")
     try:
-        results = [run(db) for run in runs]
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            results = [run(db) for run in runs]
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+    finally:
+        if relaxed is not None:
+            db.execute(f"PRAGMA synchronous = {synchronous}")
     return results
 
 

@@ -151,6 +151,7 @@ class SqlStore:
                 lease_ms=lease_ms,
                 holder=holder,
             ),
+            durable=False,  # a lease lost to power loss is a delivery made again
         )
         opened = [(item, self._open_lease(item)) for item in raw]
         lost = [(item.delivery_id, item.attempt) for item, lease in opened if lease is None]
@@ -202,6 +203,7 @@ class SqlStore:
             sqlite=functools.partial(queue_sqlite.settle_acks, settlements=settlements, agent=agent)
             if only_acks
             else None,
+            durable=not only_acks,  # an ACK lost to power loss is a delivery made again
         )
         await ephemeral.forget_settled(self.db, self.payloads, [s.lease_id for s in settlements])
         return lost

@@ -200,3 +200,60 @@ async def test_closing_lets_the_group_under_way_commit_and_fails_the_writes_stil
         assert on_disk.execute("SELECT v FROM t").fetchall() == [(1,)]
     finally:
         on_disk.close()
+
+
+def synchronous_now(db: sqlite3.Connection) -> int:
+    """The commit level the write runs under: 1 NORMAL, 2 FULL (PRAGMA synchronous)."""
+    level: int = db.execute("PRAGMA synchronous").fetchone()[0]
+    return level
+
+
+async def synchronous_sqlalchemy(conn: AsyncConnection) -> int:
+    level: int = (await conn.execute(sa.text("PRAGMA synchronous"))).scalar_one()
+    return level
+
+
+async def test_lease_and_ack_writes_commit_without_an_fsync_unless_grouped_with_a_durable_one(
+    db: database.Database,
+) -> None:
+    # Alone, a non-durable write commits at NORMAL: WAL append, no fsync of its own.
+    assert await db.write(synchronous_sqlalchemy, sqlite=synchronous_now, durable=False) == 1
+    # The connection is back at FULL for what follows: a durable plain write, an SA write.
+    assert await db.write(synchronous_sqlalchemy, sqlite=synchronous_now) == 2
+    assert await db.write(synchronous_sqlalchemy) == 2
+    # In one group with a durable write (an ingest), it commits at FULL with it.
+    release, hold = _held_drain()
+    holding = asyncio.create_task(db.write(stored_values, sqlite=hold))
+    await asyncio.sleep(SETTLE_S)
+    grouped = [
+        asyncio.create_task(db.write(synchronous_sqlalchemy, sqlite=synchronous_now, durable=d))
+        for d in (False, True)
+    ]
+    await asyncio.sleep(SETTLE_S)
+    release.set()
+    await holding
+    assert await asyncio.wait_for(asyncio.gather(*grouped), 5) == [2, 2]
+
+
+async def test_a_failed_relaxed_write_leaves_the_connection_at_full(db: database.Database) -> None:
+    def broken(db: sqlite3.Connection) -> None:
+        raise sqlite3.IntegrityError("this write always fails")
+
+    with pytest.raises(errors.StorageError, match="this write always fails"):
+        await db.write(stored_values, sqlite=broken, durable=False)
+    assert await db.write(synchronous_sqlalchemy, sqlite=synchronous_now) == 2
+
+
+async def test_a_database_set_to_normal_is_left_at_normal(tmp_path: pathlib.Path) -> None:
+    settings = database.DatabaseSettings(
+        url=f"sqlite:///{tmp_path / 'n.db'}", sqlite_synchronous="NORMAL"
+    )
+    opened = database.Database(settings)
+    await opened.open()
+    try:
+        assert await opened.write(synchronous_sqlalchemy, sqlite=synchronous_now) == 1
+        assert (
+            await opened.write(synchronous_sqlalchemy, sqlite=synchronous_now, durable=False) == 1
+        )
+    finally:
+        await opened.close()

@@ -8,8 +8,10 @@ from __future__ import annotations
 import functools
 import pathlib
 import sqlite3
+from collections.abc import Callable
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
 from relay_server import crypto, models
@@ -184,3 +186,33 @@ def test_multi_row_inserts_bind_a_bounded_number_of_rows_and_bytes() -> None:
     assert per_statement == [2, 64, 64, 3]
     stored = db.execute("SELECT n, length(data) FROM blobs ORDER BY rowid").fetchall()
     assert stored == [(row["n"], len(row["data"])) for row in rows]  # all, in order
+
+
+async def test_only_the_ingest_waits_for_an_fsync_leases_and_acks_ride_on_the_next_one(
+    tmp_path: pathlib.Path, keyring: crypto.KeyRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """synchronous=FULL is for the 2xx; a lease or an ACK lost to power loss (never to a
+    crash of the server) only means a delivery made again, so they commit at NORMAL."""
+    levels: dict[str, int] = {}
+
+    def observed(name: str, write: Callable[..., Any]) -> Callable[..., Any]:
+        def run(db: sqlite3.Connection, *args: Any, **kwargs: Any) -> Any:
+            levels[name] = db.execute("PRAGMA synchronous").fetchone()[0]
+            return write(db, *args, **kwargs)
+
+        return run
+
+    for name in ("insert_events", "claim", "settle_acks"):
+        monkeypatch.setattr(queue_sqlite, name, observed(name, getattr(queue_sqlite, name)))
+    async with opened_store(f"sqlite:///{tmp_path / 's.db'}", keyring) as store:
+        inst = await install(store)
+        await store.ingest(incoming(inst, b"{}"))
+        leases = await store.lease(inst.route.output_ids, limit=5, lease_ms=5_000, holder="h")
+        acks = [
+            models.Settlement(lease_id=lease.lease_id, outcome=models.Outcome.ACK)
+            for lease in leases
+        ]
+        assert await store.settle(acks, agent="key/agent") == []
+
+    assert len(leases) == 1
+    assert levels == {"insert_events": 2, "claim": 1, "settle_acks": 1}  # 2 FULL, 1 NORMAL
