@@ -18,7 +18,7 @@ the live path costs no claim transaction and no re-read of the sealed event.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -36,6 +36,8 @@ log = structlog.get_logger(__name__)
 
 MAX_EXTRA_APPLYING = 64  # frames being applied beyond the credit before reading pauses
 APPLY_GRACE_S = 10.0  # how long a closing stream waits for its settlements to be written
+# Settled lease ids a session remembers (newest kept): far more than any window of frames.
+SETTLED_REMEMBERED = 4096
 
 
 class FrameError(errors.RelayError):
@@ -92,6 +94,9 @@ class AgentSession:
         self._notices: list[relay_pb2.ServerMessage] = []
         self._applying: set[asyncio.Task[None]] = set()
         self._pending_acks: list[str] = []
+        # Lease ids this agent settled, newest last (bounded): an Extend applied after the
+        # agent's own ACK of the same lease finds it settled, which is no news to report.
+        self._settled_here: dict[str, None] = {}
         self._ack_flusher: asyncio.Task[None] | None = None
         self._release_as = models.Outcome.DISCONNECTED
         self._reserved = 0  # places held for events being committed (offer)
@@ -303,6 +308,7 @@ class AgentSession:
                 self.credit = min(message.credit.max_in_flight, self._max_credit)
                 self._wake.poke()
             elif kind == "ack":
+                self._note_settled(message.ack.lease_ids)
                 for lease_id in message.ack.lease_ids:
                     self._relay_answer(lease_id, answers.ACCEPTED)
                     # The agent's slot is free now: the next claim need not wait for this
@@ -316,7 +322,15 @@ class AgentSession:
             else:
                 if kind == "reply":
                     self._relay_answer(message.reply.lease_id, frames.answer(message.reply))
+                if kind != "extend":
+                    self._note_settled(item.lease_id for item in frames.settlements(message))
                 self._spawn(self._apply_and_report(kind, message))
+
+    def _note_settled(self, lease_ids: Iterable[str]) -> None:
+        for lease_id in lease_ids:
+            self._settled_here[lease_id] = None
+        while len(self._settled_here) > SETTLED_REMEMBERED:
+            del self._settled_here[next(iter(self._settled_here))]
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(work, name=f"session-apply-{self.session_id}")
@@ -365,7 +379,8 @@ class AgentSession:
             for lease_id in set(lease_ids) - set(lost):
                 if lease_id in self.held:
                     self.held[lease_id] = deadline
-            return lost
+            # Frames apply concurrently: an ACK right behind this Extend may commit first.
+            return [lease_id for lease_id in lost if lease_id not in self._settled_here]
         return await self._settle(frames.settlements(message))
 
     async def _settle(self, settlements: list[models.Settlement]) -> list[str]:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from relay_proto import relay_pb2, relay_pb2_grpc
@@ -233,4 +234,30 @@ async def test_credit_zero_pauses_the_stream_so_released_events_stay_released(
     agent.send(credit=relay_pb2.Credit(max_in_flight=5))  # capped at the 2 granted
     again = list((await agent.read()).deliveries.deliveries)
     assert len(again) == 2
+    await agent.close()
+
+
+async def test_an_ack_right_behind_an_extend_of_the_same_lease_brings_no_lost_notice(
+    running_server: Running,
+) -> None:
+    """Frames apply concurrently, so the ACK may commit before the Extend reads the lease:
+    the agent settled it itself, and hearing "lease lost" for it would be a false alarm."""
+    for n in range(20):
+        await ingest(running_server, f"job {n}".encode())
+    agent = RawAgent(running_server.grpc_target, running_server.installation.token)
+    agent.send(subscribe=relay_pb2.Subscribe(buckets=["orders"], max_in_flight=20))
+    await agent.read()
+    leases: list[str] = []
+    while len(leases) < 20:
+        leases += [d.lease_id for d in (await agent.read()).deliveries.deliveries]
+    for lease_id in leases:
+        agent.send(extend=relay_pb2.Extend(lease_ids=[lease_id], extend_ms=5000))
+        agent.send(ack=relay_pb2.Ack(lease_ids=[lease_id]))
+    with pytest.raises(TimeoutError):
+        await agent.read(timeout=1.0)  # neither a notice nor a redelivery
+    async with running_server.installation.store.db.read() as conn:
+        states = await conn.execute(
+            sa.text("SELECT state, count(*) FROM deliveries GROUP BY state")
+        )
+        assert dict(states.all()) == {"delivered": 20}
     await agent.close()
