@@ -308,7 +308,6 @@ class AgentSession:
                 self.credit = min(message.credit.max_in_flight, self._max_credit)
                 self._wake.poke()
             elif kind == "ack":
-                self._note_settled(message.ack.lease_ids)
                 for lease_id in message.ack.lease_ids:
                     self._relay_answer(lease_id, answers.ACCEPTED)
                     # The agent's slot is free now: the next claim need not wait for this
@@ -322,8 +321,6 @@ class AgentSession:
             else:
                 if kind == "reply":
                     self._relay_answer(message.reply.lease_id, frames.answer(message.reply))
-                if kind != "extend":
-                    self._note_settled(item.lease_id for item in frames.settlements(message))
                 self._spawn(self._apply_and_report(kind, message))
 
     def _note_settled(self, lease_ids: Iterable[str]) -> None:
@@ -384,6 +381,7 @@ class AgentSession:
         return await self._settle(frames.settlements(message))
 
     async def _settle(self, settlements: list[models.Settlement]) -> list[str]:
+        self._note_settled(item.lease_id for item in settlements)  # before its commit
         lost = await self._store.settle(settlements, agent=self.agent)
         for item in settlements:
             self.held.pop(item.lease_id, None)
