@@ -29,6 +29,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from relay_server import errors
@@ -93,6 +94,21 @@ class KeyRing:
         nonce = _nonces.take()
         sealed = self._ciphers[self.primary_id].encrypt(nonce, plaintext, aad)
         return b"".join((self._prefix[0], nonce, sealed))
+
+    def seal_chunks(
+        self, plaintext: bytes, aad: bytes, chunk_bytes: int = 1024 * 1024
+    ) -> Iterator[bytes]:
+        """The record `seal` makes, in pieces of `chunk_bytes` or so, to write a large
+        plaintext to a file without a sealed copy of all of it in memory."""
+        nonce = _nonces.take()
+        key = self.keys[self.primary_id]
+        encryptor = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
+        encryptor.authenticate_additional_data(aad)
+        yield self._prefix[0] + nonce
+        view = memoryview(plaintext)
+        for start in range(0, len(view), chunk_bytes):
+            yield encryptor.update(view[start : start + chunk_bytes])
+        yield encryptor.finalize() + encryptor.tag
 
     def open(self, record: bytes, aad: bytes) -> bytes:
         key_id, nonce, sealed = _split(record)

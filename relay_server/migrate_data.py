@@ -7,10 +7,11 @@ old relay goes back to PENDING with its lease cleared, so the new relay hands it
 
 The copy is resumable: rows go over in primary-key order, in batches that each commit, and
 a row whose primary key the target holds already is skipped (`ON CONFLICT DO NOTHING`).
-Integer ids (attempts, audit_log) are kept; PostgreSQL's sequences are moved past them
-afterwards. The source is read inside one transaction: a consistent snapshot even if its
-relay were still writing (it should be stopped: what it takes after the snapshot stays
-behind).
+A body that the source keeps in a file (SQLite, 1 MiB or more; store/bodyfiles.py) goes
+into its row, sealed as it is. Integer ids (attempts, audit_log) are kept; PostgreSQL's
+sequences are moved past them afterwards. The source is read inside one transaction: a
+consistent snapshot even if its relay were still writing (it should be stopped: what it
+takes after the snapshot stays behind).
 
 At the end every table is verified: each source row's primary key must be in the target.
 The target may hold more (its own audit entries, events a new relay took since); it may
@@ -20,6 +21,7 @@ installation's data.
 
 from __future__ import annotations
 
+import asyncio
 import pathlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,12 +34,13 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relay_server import errors, models
-from relay_server.store import database, tables
+from relay_server.store import bodyfiles, database, tables
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_BATCH_ROWS = 500
 MAX_PARAMETERS = 30_000  # per INSERT: PostgreSQL allows 32,767, SQLite 32,766
+BODY_FILE_BYTES = 64 * 1024 * 1024  # bodies read from files (SQLite) per INSERT, at most
 
 Progress = Callable[[str, int, int], None]  # table, rows done, rows in all
 
@@ -97,7 +100,9 @@ async def migrate_data(
         await _check_target(src, target, force=force)
         copied = {}
         for table in tables.metadata.sorted_tables:
-            copied[table.name] = await _copy_table(src, target, table, batch_rows, progress)
+            copied[table.name] = await _copy_table(
+                src, target, table, batch_rows, progress, source.bodies
+            )
         if target.dialect == "postgresql":
             await target.write(_reset_sequences)
         counts = [
@@ -129,6 +134,7 @@ async def _copy_table(
     table: sa.Table,
     batch_rows: int,
     progress: Progress | None,
+    bodies: bodyfiles.BodyFiles | None,
 ) -> int:
     """Copy the rows of `table` the target lacks; returns how many were inserted."""
     total = await _count(src, table)
@@ -147,7 +153,13 @@ async def _copy_table(
             return copied
         last = [rows[-1][column.name] for column in key]
         values = [_for_new_relay(table, row) for row in rows]
-        copied += await target.write(_inserter(table, values))
+        if table is tables.events and bodies is not None:
+            # at most BODY_FILE_BYTES of bodies read from files per INSERT
+            for part in database.split_by_size(values, _file_bytes, BODY_FILE_BYTES):
+                part = await _bodies_inline(bodies, part)
+                copied += await target.write(_inserter(table, part))
+        else:
+            copied += await target.write(_inserter(table, values))
         done += len(rows)
         if progress is not None:
             progress(table.name, done, total)
@@ -172,6 +184,24 @@ def _for_new_relay(table: sa.Table, row: dict[str, Any]) -> dict[str, Any]:
             "leased_by": None,
         }
     return row
+
+
+def _file_bytes(row: dict[str, Any]) -> int:
+    return int(row["size"]) if row["body_file"] else 0
+
+
+async def _bodies_inline(
+    files: bodyfiles.BodyFiles, rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Events rows with each body that is a file (SQLite) read into the row: the sealed
+    record is the same either way, and the target may be on another machine."""
+    inline = []
+    for row in rows:
+        if row["body_file"]:
+            sealed = await asyncio.to_thread(files.read, row["id"])
+            row = {**row, "body_sealed": sealed, "body_file": False}
+        inline.append(row)
+    return inline
 
 
 def _inserter(table: sa.Table, values: list[dict[str, Any]]) -> Callable[[AsyncConnection], Any]:

@@ -30,6 +30,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from relay_server import errors
+from relay_server.store import bodyfiles
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -45,7 +46,7 @@ log = structlog.get_logger(__name__)
 
 MIGRATIONS = pathlib.Path(__file__).resolve().parent.parent / "migrations"
 # The newest migration in MIGRATIONS (checked by tests/integration/test_migrations.py).
-SCHEMA_HEAD = "0006"
+SCHEMA_HEAD = "0007"
 SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 SQLITE_PAGE_SIZE = 16384
 CLOSE_GRACE_S = 5.0  # close() waits this long at most for operations still under way
@@ -90,12 +91,33 @@ class DatabaseSettings:
         return self.url.startswith("sqlite")
 
     @property
+    def sqlite_file(self) -> pathlib.Path | None:
+        """The SQLite database file; None on PostgreSQL and for an in-memory database."""
+        name = sa.engine.make_url(self.url).database if self.is_sqlite else None
+        return pathlib.Path(name) if name and name != ":memory:" else None
+
+    @property
     def async_url(self) -> str:
         if self.url.startswith("sqlite:"):
             return "sqlite+aiosqlite:" + self.url.removeprefix("sqlite:")
         if self.url.startswith("postgresql:") or self.url.startswith("postgresql+psycopg"):
             return "postgresql+asyncpg:" + self.url.split(":", 1)[1]
         return self.url
+
+
+def split_by_size(items: Sequence[T], size: Callable[[T], int], limit: int) -> list[list[T]]:
+    """`items` in order, in runs whose sizes add up to `limit` at most (a bigger one alone):
+    batches that bound what one transaction holds in memory."""
+    runs: list[list[T]] = [[]]
+    total = 0
+    for item in items:
+        n = size(item)
+        if runs[-1] and total + n > limit:
+            runs.append([])
+            total = 0
+        runs[-1].append(item)
+        total += n
+    return runs
 
 
 def redact_url(url: str) -> str:
@@ -189,6 +211,15 @@ class Database:
             collections.deque()
         )
         self._plain = PlainWrites(settings.max_group, settings.sqlite_synchronous.upper())
+        # SQLite: large bodies go to files beside the database (store/bodyfiles.py).
+        sqlite_file = settings.sqlite_file
+        self.bodies = (
+            None
+            if sqlite_file is None
+            else bodyfiles.BodyFiles.beside(
+                sqlite_file, sync=settings.sqlite_synchronous.upper() != "OFF"
+            )
+        )
         self._wake = asyncio.Event()  # something was queued for the writer
         self._writer: asyncio.Task[None] | None = None
         self._conn: AsyncConnection | None = None

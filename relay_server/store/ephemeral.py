@@ -126,15 +126,18 @@ async def forget_settled(
     memory.drop(done)
 
 
-async def payloads_lost(conn: AsyncConnection, leases: Sequence[tuple[str, int]]) -> None:
-    """Dead-letter just-claimed deliveries (id, attempt) whose payload is not in memory.
+async def payloads_lost(
+    conn: AsyncConnection, leases: Sequence[tuple[str, int]], reason: str = LOST_ERROR
+) -> None:
+    """Dead-letter just-claimed deliveries (id, attempt) whose payload is not in memory
+    (or, with another `reason`, not anywhere: a body file gone missing).
 
     The same transition and attempt record as a Reject (queue.py), by "server".
     """
-    lost = models.Settlement(lease_id="", outcome=models.Outcome.REJECT, reason=LOST_ERROR)
+    lost = models.Settlement(lease_id="", outcome=models.Outcome.REJECT, reason=reason)
     for delivery_id, attempt in leases:
         dead = models.DeliveryState.DEAD
-        started = await queue._finish(conn, delivery_id, attempt, dead, LOST_ERROR)
+        started = await queue._finish(conn, delivery_id, attempt, dead, reason)
         if started is not None:
-            log.warning("ephemeral_payload_lost", delivery_id=delivery_id, attempt=attempt)
+            log.warning("payload_lost", delivery_id=delivery_id, attempt=attempt, reason=reason)
             await queue._record_attempts(conn, [(delivery_id, attempt, started)], lost, "server")

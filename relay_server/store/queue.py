@@ -33,8 +33,11 @@ ACTIVE_STATES = (models.DeliveryState.PENDING, models.DeliveryState.LEASED)
 _HEADERS_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
-def seal_event(keyring: crypto.KeyRing, event: models.IncomingEvent) -> dict[str, object]:
-    """The events row for `event`, with query, headers and body sealed."""
+def seal_event(
+    keyring: crypto.KeyRing, event: models.IncomingEvent, *, body_file: bool = False
+) -> dict[str, object]:
+    """The events row for `event`, with query, headers and body sealed; with `body_file`
+    an empty body is sealed in the row, and the caller writes the body's file."""
     headers = _HEADERS_JSON.encode(event.headers).encode()
     return {
         "id": event.id,
@@ -47,7 +50,8 @@ def seal_event(keyring: crypto.KeyRing, event: models.IncomingEvent) -> dict[str
         "source": event.source[:64],
         "query_sealed": keyring.seal(event.query.encode(), aad(event.id, "query")),
         "headers_sealed": keyring.seal(headers, aad(event.id, "headers")),
-        "body_sealed": keyring.seal(event.body, aad(event.id, "body")),
+        "body_sealed": keyring.seal(b"" if body_file else event.body, aad(event.id, "body")),
+        "body_file": body_file,
         "ephemeral": False,  # see store.ephemeral.held_row
         "caller_waits_until": event.caller_waits_until,
     }

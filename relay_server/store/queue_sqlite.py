@@ -216,10 +216,11 @@ def _row_type(columns: tuple[str, ...]) -> Any:
     return collections.namedtuple("Row", columns)
 
 
-# Rows per multi-row INSERT: 64 x 15 columns stays under 999 parameters, the limit of
+# Rows per multi-row INSERT: at most 64, and fewer than 999 parameters, the limit of
 # SQLite builds before 3.32. And bytes: sqlite3 copies every bound blob, so a statement
 # binds about 1 MiB of them at most (ten 10 MiB bodies at once would hold 100 MiB).
 INSERT_CHUNK_ROWS = 64
+MAX_PARAMETERS = 999
 INSERT_CHUNK_BYTES = 2**20
 
 
@@ -232,6 +233,7 @@ def _insert_rows(
     step, and each step's return waits for a busy event loop to give it back.
     """
     columns = tuple(rows[0])
+    per_statement = min(INSERT_CHUNK_ROWS, MAX_PARAMETERS // len(columns))
     chunk: list[object] = []
     count = size = 0
     for row in rows:
@@ -239,7 +241,7 @@ def _insert_rows(
         chunk += values
         count += 1
         size += sum(len(value) for value in values if isinstance(value, bytes))
-        if count == INSERT_CHUNK_ROWS or size >= INSERT_CHUNK_BYTES:
+        if count == per_statement or size >= INSERT_CHUNK_BYTES:
             db.execute(_insert_sql(table, columns, count), chunk)
             chunk, count, size = [], 0, 0
     if count:

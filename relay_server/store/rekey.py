@@ -7,11 +7,13 @@ opens and re-seals them outside any transaction, then writes each batch in its o
 transaction, so a running server's ingest waits at most one batch. A row is only updated
 if its sealed values are still the ones read (an admin may have replaced an input's
 secrets meanwhile). Only records not yet under the primary key are touched, so an
-interrupted run is finished by running it again.
+interrupted run is finished by running it again. An event whose body is a file (SQLite,
+large bodies) has the file re-encrypted first (a new file renamed over it), then its row.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relay_server import crypto, errors
-from relay_server.store import codecs, queue, sql, tables, wait_replies
+from relay_server.store import bodyfiles, codecs, database, queue, sql, tables, wait_replies
 
 DEFAULT_BATCH_SIZE = 200
 BATCH_BYTES = 16 * 1024 * 1024  # sealed bytes read into memory per batch, at most
@@ -135,8 +137,10 @@ async def reencrypt(
             if not ids:
                 break
             after = ids[-1][0]
-            for chunk in _chunks(ids):
-                await _reencrypt_rows(store, keyring, columns, chunk, report)
+            # each chunk reads at most BATCH_BYTES (one big row alone)
+            for chunk in database.split_by_size(ids, lambda item: item[1], BATCH_BYTES):
+                chunk_ids = [row_id for row_id, _ in chunk]
+                await _reencrypt_rows(store, keyring, columns, chunk_ids, report)
                 if progress is not None:
                     progress(report)
     return report
@@ -164,19 +168,6 @@ async def _next_ids(
     return [(str(row_id), int(n)) for row_id, n in (await conn.execute(query)).all()]
 
 
-def _chunks(ids: list[tuple[str, int]]) -> list[list[str]]:
-    """Split the ids so that each chunk reads at most BATCH_BYTES (one big row alone)."""
-    chunks: list[list[str]] = [[]]
-    size = 0
-    for row_id, n in ids:
-        if chunks[-1] and size + n > BATCH_BYTES:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(row_id)
-        size += n
-    return chunks
-
-
 async def _reencrypt_rows(
     store: sql.SqlStore,
     keyring: crypto.KeyRing,
@@ -185,21 +176,44 @@ async def _reencrypt_rows(
     report: RekeyReport,
 ) -> None:
     table, row_id = columns[0].table, columns[0].row_id
+    files = [table.c.body_file] if table is tables.events else []
     async with store.db.read() as conn:
         rows = (
             await conn.execute(
-                sa.select(row_id.label("id"), *(table.c[col.column] for col in columns)).where(
-                    row_id.in_(row_ids)
-                )
+                sa.select(
+                    row_id.label("id"), *(table.c[col.column] for col in columns), *files
+                ).where(row_id.in_(row_ids))
             )
         ).all()
-    changes = [change for row in rows if (change := _reseal(keyring, columns, row, report))]
+    changes = []
+    for row in rows:
+        if files and row.body_file and not await _reseal_file(store, keyring, row.id, report):
+            continue  # the row stays under its old key, so the key stays in use
+        if change := _reseal(keyring, columns, row, report):
+            changes.append(change)
     report.done += await store.db.write(
         functools.partial(_apply, table=table, row_id=row_id, changes=changes)
     )
 
 
 Change = tuple[str, dict[str, bytes], dict[str, bytes]]  # row id, new values, old values
+
+
+async def _reseal_file(
+    store: sql.SqlStore, keyring: crypto.KeyRing, event_id: str, report: RekeyReport
+) -> bool:
+    """Re-encrypt an event's body file (SQLite, large bodies) before its row: the row's
+    records decide which keys are in use, so they move to the primary only after the file."""
+    aad = queue.aad(event_id, "body")
+    try:
+        await asyncio.to_thread(bodyfiles.reseal, store.bodies, keyring, event_id, aad)
+    except (errors.CryptoError, errors.StorageError, OSError) as exc:
+        report.failed += 1
+        if len(report.failures) < MAX_FAILURES_KEPT:
+            why = exc.message if isinstance(exc, errors.RelayError) else str(exc)
+            report.failures.append((f"events.body file:{event_id}", why))
+        return False
+    return True
 
 
 def _reseal(

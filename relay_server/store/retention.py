@@ -19,7 +19,8 @@ comes round again. On PostgreSQL the rows to delete are taken with FOR UPDATE SK
 and checked again under that lock, so the cleaner never waits for an agent, an ingest or a
 replay, and never deletes an event that a replay just gave a fresh delivery. The running
 cleaner paces itself (CLEANER_BUSY_SHARE, Sweep.rest) so that deleting a large backlog
-does not take the database from ingest.
+does not take the database from ingest. On SQLite a pass ends by removing the body files
+(store/bodyfiles.py) that no event names any more.
 
 Every replica runs the cleaner: each batch first takes the "retention" advisory lock
 (store/replicas.py) and is skipped when another replica holds it, so batches never race.
@@ -39,7 +40,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relay_server import models
-from relay_server.store import database, replicas, tables
+from relay_server.store import bodyfiles, database, replicas, tables
 
 B, E, D, OUT, K, N, W = (
     tables.buckets,
@@ -116,7 +117,34 @@ async def clean(db: database.Database, sweep: Sweep, *, now: int, limit: int) ->
     }
     removed["dead_letters"] = await clean_dead_letters(db, sweep, limit=limit)
     removed["events"] = await clean_events(db, sweep, limit=limit)
+    # SQLite: files of large bodies no event names (none on PostgreSQL)
+    removed["body_files"] = 0 if db.bodies is None else await clean_body_files(db, db.bodies)
     return removed
+
+
+async def clean_body_files(
+    db: database.Database,
+    files: bodyfiles.BodyFiles,
+    *,
+    grace_s: float = bodyfiles.ORPHAN_GRACE_S,
+    batch: int = 500,
+) -> int:
+    """Remove body files no events row names (their events deleted, or never committed),
+    once older than `grace_s`; returns how many went."""
+    names = await asyncio.to_thread(files.names)
+    orphans: list[str] = []
+    for start in range(0, len(names), batch):
+        chunk = names[start : start + batch]
+        async with db.read() as conn:
+            named = set(
+                (
+                    await conn.execute(sa.select(E.c.id).where(E.c.id.in_(chunk), E.c.body_file))
+                ).scalars()
+            )
+        orphans += [event_id for event_id in chunk if event_id not in named]
+    if not orphans:
+        return 0
+    return await asyncio.to_thread(files.remove_orphans, orphans, grace_s=grace_s)
 
 
 async def _expire(

@@ -6,19 +6,20 @@ the write transaction where possible, so the single SQLite writer only does I/O.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import functools
-import pathlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy.engine import url as sa_url
+import structlog
 
 from relay_server import crypto, errors, models, retry
 from relay_server.store import (
     admin,
     audit_log,
+    bodyfiles,
     codecs,
     database,
     ephemeral,
@@ -29,6 +30,19 @@ from relay_server.store import (
     retention,
     wait_replies,
 )
+
+log = structlog.get_logger(__name__)
+
+BODY_FILE_LOST = "the body file of this event is missing from <database>.bodies"
+
+
+@dataclass(frozen=True, slots=True)
+class _BodyFiles:
+    sealed: dict[str, bytes | None]  # event id -> its sealed body read from its file
+    missing: set[str]  # delivery ids whose event's file is gone
+
+
+_NO_FILES = _BodyFiles({}, set())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -91,6 +105,13 @@ class SqlStore:
         errors.Replay if the event's signature nonce was seen before (nothing stored).
         """
         policy = event.route.bucket.policy
+        body_file = (
+            not policy.ephemeral
+            and self.db.bodies is not None
+            and len(event.body) >= bodyfiles.FROM_BYTES
+        )
+        if body_file:  # before any agent's place is taken: this may fail, or take a while
+            await self._write_body_file(event)
         slots: dict[str, models.Slot] = {}
         if offer is not None and not policy.ephemeral:
             for output_id in event.route.output_ids:
@@ -100,7 +121,7 @@ class SqlStore:
         new = queue.NewEvent(
             row=ephemeral.held_row(self.keyring, self.payloads, event)
             if policy.ephemeral
-            else queue.seal_event(self.keyring, event),
+            else queue.seal_event(self.keyring, event, body_file=body_file),
             bucket_id=event.route.bucket.id,
             dedup_key=models.dedup_key(policy.dedup_headers, event.headers),
             dedup_window_ms=policy.dedup_window_ms,
@@ -121,9 +142,29 @@ class SqlStore:
                 slot.cancel()
             if policy.ephemeral and not stored:
                 self.payloads.drop([event.id])
+        if body_file and not stored:  # a duplicate or a replay: no row names the file
+            self.bodies.discard([event.id])
         if result.replay:
             raise errors.Replay()
         return result.duplicate_of
+
+    @property
+    def bodies(self) -> bodyfiles.BodyFiles:
+        assert self.db.bodies is not None, "body files are for SQLite databases in a file"
+        return self.db.bodies
+
+    async def _write_body_file(self, event: models.IncomingEvent) -> None:
+        """Seal the body into its file, durably, off the loop (errors.StorageUnavailable
+        if the disk refuses: the sender is answered 503 and sends again)."""
+        aad = queue.aad(event.id, "body")
+
+        def write() -> None:
+            self.bodies.write(event.id, self.keyring.seal_chunks(event.body, aad))
+
+        try:
+            await asyncio.to_thread(write)
+        except OSError as exc:
+            raise errors.StorageUnavailable(f"could not write the body file: {exc}") from exc
 
     async def lease(
         self,
@@ -153,16 +194,34 @@ class SqlStore:
             ),
             durable=False,  # a lease lost to power loss is a delivery made again
         )
-        opened = [(item, self._open_lease(item)) for item in raw]
+        files = await self._read_body_files(raw)
+        opened = [(item, self._open_lease(item, files)) for item in raw]
         lost = [(item.delivery_id, item.attempt) for item, lease in opened if lease is None]
-        if lost:
+        gone = [pair for pair in lost if pair[0] in files.missing]
+        if gone:
+            await self.db.write(
+                functools.partial(ephemeral.payloads_lost, leases=gone, reason=BODY_FILE_LOST)
+            )
+        if lost := [pair for pair in lost if pair[0] not in files.missing]:
             await self.db.write(functools.partial(ephemeral.payloads_lost, leases=lost))
         leases = queue.Claimed(lease for _, lease in opened if lease is not None)
         leases.ordered = raw.ordered
         return leases
 
-    def _open_lease(self, item: queue.RawLease) -> models.Lease | None:
-        """The lease with its payload opened; None for an ephemeral one no longer held."""
+    async def _read_body_files(self, raw: Sequence[queue.RawLease]) -> _BodyFiles:
+        """The sealed bodies in files of these leases' events, read off the loop."""
+        wanted = {item.event.id for item in raw if item.event.body_file}
+        if not wanted:
+            return _NO_FILES
+        found = await asyncio.to_thread(self.bodies.read_many, wanted)
+        missing = {item.delivery_id for item in raw if found.get(item.event.id, b"") is None}
+        for event_id in sorted(event_id for event_id, body in found.items() if body is None):
+            log.error("body_file_missing", event_id=event_id, path=str(self.bodies.path(event_id)))
+        return _BodyFiles(found, missing)
+
+    def _open_lease(self, item: queue.RawLease, files: _BodyFiles) -> models.Lease | None:
+        """The lease with its payload opened; None for an ephemeral one no longer held, or
+        one whose body file is missing (`files.missing`)."""
         event = item.event
         if event.ephemeral:
             payload = self.payloads.take(event.id, item.delivery_id)
@@ -171,8 +230,13 @@ class SqlStore:
             path, query, headers, body = payload.path, payload.query, payload.headers, payload.body
         else:
             path = event.path
+            sealed_body = event.body_sealed
+            if event.body_file:
+                sealed_body = files.sealed.get(event.id)
+                if sealed_body is None:
+                    return None
             query, headers, body = queue.open_payload(
-                self.keyring, event.id, event.query_sealed, event.headers_sealed, event.body_sealed
+                self.keyring, event.id, event.query_sealed, event.headers_sealed, sealed_body
             )
         return models.Lease(
             lease_id=models.format_lease_id(item.delivery_id, item.attempt),
@@ -346,8 +410,11 @@ class SqlStore:
     async def get_event(self, account_id: str, event_id: str) -> models.EventDetail:
         async with self.db.read() as conn:
             summary, row, attempts = await events.get_event(conn, account_id, event_id)
+        sealed_body = row.body_sealed
+        if row.body_file:
+            sealed_body = await asyncio.to_thread(self.bodies.read, row.id)
         query, headers, body = queue.open_payload(
-            self.keyring, row.id, row.query_sealed, row.headers_sealed, row.body_sealed
+            self.keyring, row.id, row.query_sealed, row.headers_sealed, sealed_body
         )
         return models.EventDetail(
             summary=summary, query=query, headers=headers, body=body, attempts=tuple(attempts)
@@ -388,15 +455,15 @@ class SqlStore:
 
     def database_files(self) -> dict[str, int]:
         """SQLite only: bytes of the database file and its -wal/-shm (those that exist)."""
-        settings = self.db.settings
-        name = sa_url.make_url(settings.url).database if settings.is_sqlite else None
-        if not name or name == ":memory:":
+        main = self.db.settings.sqlite_file
+        if main is None:
             return {}
-        main = pathlib.Path(name)
         found: dict[str, int] = {}
         for path in (main, main.with_name(main.name + "-wal"), main.with_name(main.name + "-shm")):
             with contextlib.suppress(FileNotFoundError):
                 found[str(path)] = path.stat().st_size
+        if self.db.bodies is not None and (size := self.db.bodies.total_bytes()) is not None:
+            found[str(self.db.bodies.folder)] = size  # large bodies, one file each
         return found
 
     # ---- administration ------------------------------------------------------------

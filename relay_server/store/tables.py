@@ -123,6 +123,9 @@ events = sa.Table(
     # Wait mode: until when the caller that sent it is held for the destination's answer
     # (ms); NULL when nobody waits. An agent on any replica is then asked for a Reply.
     sa.Column("caller_waits_until", sa.BigInteger, nullable=True),
+    # SQLite, bodies of 1 MiB or more: body_sealed holds a sealed empty body, and the body,
+    # sealed the same way, is the file <database>.bodies/<id> (store/bodyfiles.py).
+    sa.Column("body_file", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index("ix_events_bucket_received", "bucket_id", "received_at"),
     sa.Index("ix_events_input", "input_id"),
 )

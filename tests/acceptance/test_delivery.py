@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 
 import multidict
@@ -175,3 +176,24 @@ async def test_sigterm_lets_the_agent_finish_what_it_holds(running, agents) -> N
 
     shown = await running.cli_json("event", "list")
     assert shown[0]["deliveries"][0]["state"] == "delivered"
+
+
+async def test_a_large_webhook_is_kept_sealed_beside_the_database_and_arrives_whole(
+    running, agents
+) -> None:
+    secret = b'"card": "4242424242424242"'
+    body = (secret + b"0123456789abcdef" * 128) * 1500  # ~3 MiB: kept as a file, not a row
+    async with ClientSession() as session:
+        async with session.post(running.input_url(), data=io.BytesIO(body)) as resp:
+            assert resp.status == 200
+
+    folder = running.db_path.with_name(running.db_path.name + ".bodies")
+    (stored,) = folder.iterdir()
+    assert stored.stat().st_size > len(body) and secret not in stored.read_bytes()
+    shown = await running.cli("event", "show", stored.name, "--body-only")
+    assert shown.stdout == body.decode(), "event show opens the file"
+    async with harness.Target() as target:
+        agents(target.url)
+        await target.wait_for(1)
+        assert target.received[0].body == body
+        assert target.received[0].header("X-Stowhook-Event-Id") == stored.name

@@ -10,6 +10,7 @@ Mounting needs root (CAP_SYS_ADMIN); elsewhere the test is skipped and says why.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pathlib
 import shutil
@@ -106,4 +107,34 @@ async def test_a_full_disk_gets_503s_and_recovers_when_space_returns(
             )
         assert len(events) == len(accepted), "a 503'd webhook was stored"
         assert relay.proc is not None and relay.proc.poll() is None, "the server died"
+        relay.stop()
+
+
+async def test_a_large_body_the_disk_cannot_hold_gets_503_and_leaves_no_partial_file(
+    relay: harness.Relay, tmp_path: pathlib.Path
+) -> None:
+    """Bodies of 1 MiB or more are files beside the database (store/bodyfiles.py)."""
+    with small_filesystem(tmp_path / "tiny", size="8m") as tiny:
+        for item in (relay.home / "var").iterdir():
+            shutil.copy2(item, tiny / item.name)
+        shutil.rmtree(relay.home / "var")
+        (relay.home / "var").symlink_to(tiny)
+        relay.start()
+        await relay.wait_ready()
+        filler = fill(tiny, 1024 * 1024)  # room for small webhooks, not for this body
+        body = os.urandom(3 * 1024 * 1024)
+        bodies = tiny / (relay.db_path.name + ".bodies")
+        async with ClientSession() as session:
+            async with session.post(relay.input_url(), data=io.BytesIO(body)) as resp:
+                assert (resp.status, bool(resp.headers.get("Retry-After"))) == (503, True)
+            assert not bodies.exists() or list(bodies.iterdir()) == [], "a partial file stayed"
+            async with session.post(relay.input_url(), data=b"small") as resp:
+                assert resp.status == 200, "small webhooks still go in"
+            filler.unlink()
+            async with session.post(relay.input_url(), data=io.BytesIO(body)) as resp:
+                assert resp.status == 200, "taken once the space is back"
+        (stored,) = bodies.iterdir()
+        shown = await relay.cli("event", "show", stored.name, "--json")
+        assert f'"size": {len(body)}' in shown.stdout
+        assert len(await relay.cli_json("event", "list")) == 2, "the 503'd body was not stored"
         relay.stop()

@@ -185,6 +185,7 @@ async def test_the_cleaner_works_in_small_batches_and_forgets_dedup_keys(
         "wait_replies": 0,
         "dead_letters": 0,
         "events": 7,
+        "body_files": 0,
     }
     remaining = await stored_event_ids(store)
     assert not set(ids) & set(remaining) and len(remaining) == 1

@@ -22,6 +22,24 @@ def test_sealed_records_open_to_the_same_bytes(plaintext: bytes, aad: bytes) -> 
     assert RING.key_id_of(sealed) == "k1"
 
 
+@given(
+    plaintext=st.binary(max_size=4096),
+    aad=st.binary(max_size=64),
+    chunk=st.integers(min_value=1, max_value=5000),
+)
+def test_a_record_sealed_in_pieces_is_a_record_like_any_other(
+    plaintext: bytes, aad: bytes, chunk: int
+) -> None:
+    pieces = list(RING.seal_chunks(plaintext, aad, chunk_bytes=chunk))
+    record = b"".join(pieces)
+    assert RING.open(record, aad) == plaintext
+    assert RING.is_sealed_with_primary(record)
+    assert len(record) == len(RING.seal(plaintext, aad)), "the same format, byte for byte"
+    assert max(len(piece) for piece in pieces) <= max(chunk, 16) + 32, "no piece holds it all"
+    with pytest.raises(errors.CryptoError):
+        RING.open(record, aad + b"x")
+
+
 @given(plaintext=st.binary(min_size=8, max_size=512))
 def test_sealed_records_do_not_contain_the_plaintext(plaintext: bytes) -> None:
     assert plaintext not in RING.seal(plaintext, b"e1:body")
