@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import pathlib
 import random
 import sqlite3
@@ -284,11 +285,16 @@ class Database:
         `durable=False` (lease and ACK transitions, which at worst deliver an event again
         if lost): on SQLite the plain write's group, if nothing durable shares it, commits
         with synchronous=NORMAL, no fsync of its own; it survives a crash of this process,
-        and the next durable commit makes it survive power loss too.
+        and the next durable commit makes it survive power loss too. On PostgreSQL the
+        transaction commits with synchronous_commit off: it does not wait for its WAL flush,
+        which the WAL writer does within a few hundred milliseconds (a crash of the database
+        server can lose it, never corrupt it).
         """
         if self._closed:
             raise errors.StorageUnavailable("database is closed")
         if self._writer is None:
+            if not durable and self.dialect == "postgresql":
+                return await self._write_alone(functools.partial(_relaxed, op))
             return await self._write_alone(op)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if sqlite is None:
@@ -709,6 +715,15 @@ def _transaction(
         if relaxed is not None:
             db.execute(f"PRAGMA synchronous = {synchronous}")
     return results
+
+
+async def _relaxed(op: WriteOp[T], conn: AsyncConnection) -> T:
+    """`op` in a PostgreSQL transaction that does not wait for its commit to be flushed."""
+    await conn.execute(_NO_FLUSH_WAIT)
+    return await op(conn)
+
+
+_NO_FLUSH_WAIT = sa.text("SET LOCAL synchronous_commit = off")
 
 
 def _stuck_in_transaction(conn: AsyncConnection) -> bool:

@@ -90,3 +90,23 @@ async def test_two_writes_that_deadlock_both_commit(
             asyncio.gather(store.db.write(crossing(1, 2)), store.db.write(crossing(2, 1))), 30
         )
     assert sorted(done) == [1, 2]
+
+
+@pytest.mark.parametrize("engine", ["postgres"])
+async def test_lease_and_ack_writes_do_not_wait_for_the_wal_flush_and_webhooks_do(
+    database_url: str,
+) -> None:
+    """Leases and ACKs are passed durable=False (a lost one is an event delivered again);
+    on PostgreSQL their transaction alone runs with synchronous_commit off."""
+    db = database.Database(database.DatabaseSettings(url=database_url, pool_size=1))
+    await db.open()
+
+    async def level(conn: AsyncConnection) -> str:
+        return str(await conn.scalar(sa.text("SHOW synchronous_commit")))
+
+    try:
+        assert await db.write(level, durable=False) == "off"
+        assert await db.write(level) == "on", "SET LOCAL ends with its transaction"
+        assert await db.write(level, durable=False) == "off"
+    finally:
+        await db.close()
