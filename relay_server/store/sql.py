@@ -105,13 +105,16 @@ class SqlStore:
         errors.Replay if the event's signature nonce was seen before (nothing stored).
         """
         policy = event.route.bucket.policy
+        # One ring for the whole event: a key file reloaded while a body file is written
+        # must not leave the file under a key the row no longer shows in use.
+        keyring = self.keyring
         body_file = (
             not policy.ephemeral
             and self.db.bodies is not None
             and len(event.body) >= bodyfiles.FROM_BYTES
         )
         if body_file:  # before any agent's place is taken: this may fail, or take a while
-            await self._write_body_file(event)
+            await self._write_body_file(keyring, event)
         slots: dict[str, models.Slot] = {}
         if offer is not None and not policy.ephemeral:
             for output_id in event.route.output_ids:
@@ -119,9 +122,9 @@ class SqlStore:
                 if slot is not None:
                     slots[output_id] = slot
         new = queue.NewEvent(
-            row=ephemeral.held_row(self.keyring, self.payloads, event)
+            row=ephemeral.held_row(keyring, self.payloads, event)
             if policy.ephemeral
-            else queue.seal_event(self.keyring, event, body_file=body_file),
+            else queue.seal_event(keyring, event, body_file=body_file),
             bucket_id=event.route.bucket.id,
             dedup_key=models.dedup_key(policy.dedup_headers, event.headers),
             dedup_window_ms=policy.dedup_window_ms,
@@ -153,13 +156,13 @@ class SqlStore:
         assert self.db.bodies is not None, "body files are for SQLite databases in a file"
         return self.db.bodies
 
-    async def _write_body_file(self, event: models.IncomingEvent) -> None:
+    async def _write_body_file(self, keyring: crypto.KeyRing, event: models.IncomingEvent) -> None:
         """Seal the body into its file, durably, off the loop (errors.StorageUnavailable
         if the disk refuses: the sender is answered 503 and sends again)."""
         aad = queue.aad(event.id, "body")
 
         def write() -> None:
-            self.bodies.write(event.id, self.keyring.seal_chunks(event.body, aad))
+            self.bodies.write(event.id, keyring.seal_chunks(event.body, aad))
 
         try:
             await asyncio.to_thread(write)

@@ -10,6 +10,7 @@ import errno
 import os
 import pathlib
 import time
+from collections.abc import Iterable
 
 import pytest
 import sqlalchemy as sa
@@ -270,3 +271,26 @@ def test_a_file_system_without_o_direct_gets_buffered_files(
     files.write("0190aaaa-0000-7000-8000-000000000004", [b"sealed", b"body"])
     assert files.read("0190aaaa-0000-7000-8000-000000000004") == b"sealedbody"
     assert files.direct is False, "the next files go buffered without asking again"
+
+
+async def test_a_key_reloaded_while_a_body_file_is_written_seals_file_and_row_alike(
+    installed: Installation, keyring: crypto.KeyRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rotation counts a key in use by the rows: a file under another key than its row
+    would let `keys remove` drop the key that file needs."""
+    store = installed.store
+    newer = crypto.KeyRing(primary_id="k9", keys={"k9": os.urandom(32), **keyring.keys})
+    write = store.bodies.write
+
+    def reload_midway(event_id: str, record: Iterable[bytes]) -> None:
+        store.use_keyring(newer)  # SIGHUP after a rotation, while the file is written
+        write(event_id, record)
+
+    monkeypatch.setattr(store.bodies, "write", reload_midway)
+    event = incoming(installed, large_body())
+    await store.ingest(event)
+
+    async with store.db.read() as conn:
+        row = await conn.scalar(sa.select(tables.events.c.body_sealed))
+    file_key = crypto.KeyRing.key_id_of(store.bodies.read(event.id))
+    assert crypto.KeyRing.key_id_of(row) == file_key == keyring.primary_id
