@@ -13,8 +13,8 @@ directory entry fsync'ed before the row that names it commits, so a 2xx means bo
 disk. A crash between leaves a file no row names; a deleted event (retention, a deleted
 bucket or account) leaves one too. The retention cleaner removes such files on every pass
 once they are older than `ORPHAN_GRACE_S` (a file that young may belong to a commit still
-under way). The file is sealed like the row, so until then it
-is ciphertext only the key file opens, as a deleted row is in SQLite's free pages.
+under way). The file is sealed like the row, so until then it is ciphertext only the key
+file opens, as a deleted row is in SQLite's free pages.
 
 PostgreSQL keeps every body in its row (TOAST stores it out of line already, and another
 replica must be able to read it).
@@ -84,7 +84,7 @@ class BodyFiles:
             raise
         os.close(fd)
         if self.sync:
-            self._sync_folder()
+            _sync_folder(self.folder)
 
     def _make_folder(self) -> None:
         """The folder, made durably the first time (its entry in the database's folder)."""
@@ -122,7 +122,7 @@ class BodyFiles:
             os.close(fd)
         os.replace(temporary, path)
         if self.sync:
-            self._sync_folder()
+            _sync_folder(self.folder)
 
     def read(self, event_id: str) -> bytes:
         """The sealed body; StorageError naming the file if it is gone."""
@@ -158,7 +158,7 @@ class BodyFiles:
         for entry in entries:
             if _NAME.fullmatch(entry.name):
                 found.append(entry.name)
-            elif entry.name.endswith(".new") and _older_than(entry, ORPHAN_GRACE_S):
+            elif entry.name.endswith(".new") and _older_than(entry.path, ORPHAN_GRACE_S):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)  # a rekey interrupted before its rename
         return found
@@ -169,13 +169,10 @@ class BodyFiles:
         removed = 0
         for event_id in event_ids:
             path = self.path(event_id)
-            try:
-                if time.time() - path.stat().st_mtime < grace_s:
-                    continue
-                path.unlink()
-            except FileNotFoundError:
-                continue
-            removed += 1
+            if _older_than(path, grace_s):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed += 1
         return removed
 
     def total_bytes(self) -> int | None:
@@ -189,9 +186,6 @@ class BodyFiles:
             with contextlib.suppress(FileNotFoundError):
                 total += entry.stat().st_size
         return total
-
-    def _sync_folder(self) -> None:
-        _sync_folder(self.folder)
 
 
 def _sync_folder(folder: pathlib.Path) -> None:
@@ -256,8 +250,9 @@ def _write_direct(fd: int, record: Iterable[bytes]) -> None:
         os.ftruncate(fd, total)
 
 
-def _older_than(entry: os.DirEntry[str], seconds: float) -> bool:
+def _older_than(path: str | pathlib.Path, seconds: float) -> bool:
+    """Whether the file was last written `seconds` ago or more (False if it is gone)."""
     try:
-        return time.time() - entry.stat().st_mtime >= seconds
+        return time.time() - os.stat(path).st_mtime >= seconds
     except FileNotFoundError:
         return False

@@ -36,15 +36,6 @@ log = structlog.get_logger(__name__)
 BODY_FILE_LOST = "the body file of this event is missing from <database>.bodies"
 
 
-@dataclass(frozen=True, slots=True)
-class _BodyFiles:
-    sealed: dict[str, bytes | None]  # event id -> its sealed body read from its file
-    missing: set[str]  # delivery ids whose event's file is gone
-
-
-_NO_FILES = _BodyFiles({}, set())
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StoreStatus:
     database_url: str  # password redacted
@@ -199,32 +190,35 @@ class SqlStore:
         )
         files = await self._read_body_files(raw)
         opened = [(item, self._open_lease(item, files)) for item in raw]
-        lost = [(item.delivery_id, item.attempt) for item, lease in opened if lease is None]
-        gone = [pair for pair in lost if pair[0] in files.missing]
-        if gone:
+        lost: dict[str, list[tuple[str, int]]] = {}  # reason -> (delivery id, attempt)
+        for item, lease in opened:
+            if lease is None:  # a body file (never ephemeral) is missing, or a payload is
+                reason = BODY_FILE_LOST if item.event.body_file else ephemeral.LOST_ERROR
+                lost.setdefault(reason, []).append((item.delivery_id, item.attempt))
+        for reason, pairs in lost.items():
             await self.db.write(
-                functools.partial(ephemeral.payloads_lost, leases=gone, reason=BODY_FILE_LOST)
+                functools.partial(ephemeral.payloads_lost, leases=pairs, reason=reason)
             )
-        if lost := [pair for pair in lost if pair[0] not in files.missing]:
-            await self.db.write(functools.partial(ephemeral.payloads_lost, leases=lost))
         leases = queue.Claimed(lease for _, lease in opened if lease is not None)
         leases.ordered = raw.ordered
         return leases
 
-    async def _read_body_files(self, raw: Sequence[queue.RawLease]) -> _BodyFiles:
-        """The sealed bodies in files of these leases' events, read off the loop."""
+    async def _read_body_files(self, raw: Sequence[queue.RawLease]) -> dict[str, bytes | None]:
+        """Event id -> the sealed body in its file (None: missing), for these leases'
+        events whose body is a file; read off the loop."""
         wanted = {item.event.id for item in raw if item.event.body_file}
         if not wanted:
-            return _NO_FILES
+            return {}
         found = await asyncio.to_thread(self.bodies.read_many, wanted)
-        missing = {item.delivery_id for item in raw if found.get(item.event.id, b"") is None}
         for event_id in sorted(event_id for event_id, body in found.items() if body is None):
             log.error("body_file_missing", event_id=event_id, path=str(self.bodies.path(event_id)))
-        return _BodyFiles(found, missing)
+        return found
 
-    def _open_lease(self, item: queue.RawLease, files: _BodyFiles) -> models.Lease | None:
+    def _open_lease(
+        self, item: queue.RawLease, files: dict[str, bytes | None]
+    ) -> models.Lease | None:
         """The lease with its payload opened; None for an ephemeral one no longer held, or
-        one whose body file is missing (`files.missing`)."""
+        one whose body file is missing."""
         event = item.event
         if event.ephemeral:
             payload = self.payloads.take(event.id, item.delivery_id)
@@ -235,7 +229,7 @@ class SqlStore:
             path = event.path
             sealed_body = event.body_sealed
             if event.body_file:
-                sealed_body = files.sealed.get(event.id)
+                sealed_body = files.get(event.id)
                 if sealed_body is None:
                     return None
             query, headers, body = queue.open_payload(
